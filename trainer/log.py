@@ -1,0 +1,16 @@
+"""One logging set-up for every entry point of the project."""
+
+from __future__ import annotations
+
+import logging
+
+# Third-party messages that say nothing to our users: torch warns once per process that
+# `is_fx_tracing` is ambiguous whenever TorchRec builds a KeyedJaggedTensor.
+_QUIET = ("torch.fx._symbolic_trace",)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Timestamped ``name: message`` lines on stderr; known-noisy library loggers muted."""
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
