@@ -1,0 +1,3 @@
+from trainer.data.synthetic.cli import main
+
+raise SystemExit(main())
