@@ -1,0 +1,509 @@
+"""MovieLens-100K as a DERM dataset: the first real data our tests and experiments run on.
+
+Converts the MovieLens-100K ratings into the project's input contract (../shared/DESIGN.md,
+§Input contract; layout in ``trainer/data/dataset_writer.py``)::
+
+    OUT/spec.toml                                  feature spec: sources ctr (click), cvr (conversion)
+    OUT/ctr/day=YYYY-MM-DD/part-00000.parquet      impressions of the day, in event_time order
+    OUT/cvr/day=YYYY-MM-DD/part-00000.parquet      the same impressions, labelled for conversion
+
+Every rating is an impression of a movie (a "pin") shown to a user, plus ``negatives`` impressions
+at the same second of movies the user never rated, drawn by popularity. click = rating >= 4,
+conversion = rating == 5; negatives are 0 for both. Each row carries the user's earlier ratings as a
+newest-first sequence: only ratings strictly before the impression's second, because ML-100K users
+rate many movies within the same second, and those would leak the label. Details: docs/movielens.md.
+
+The data comes from the RecBole 1.2.1 wheel on PyPI (its ``dataset_example/ml-100k`` atomic files),
+downloaded once into ``.cache/recbole``, or from a folder holding ``*.inter``, ``*.user`` and
+``*.item`` atomic files (tab-separated, ``name:type`` header).
+
+Usage (CPU, about 5 s; the first run downloads the 2 MB wheel)::
+
+    python -m trainer.data.movielens --out runs/data/ml-100k
+    python -m trainer.data.movielens --out runs/data/ml-100k --negatives 4 --max-seq-len 50 --overwrite
+    python -m trainer.data.movielens --out /tmp/ml --source-dir ~/data/ml-100k   # own atomic files
+
+Glossary for shapes: N ratings, U users, I items, K negatives per rating, R = N * (1 + K) rows
+(impressions), L the max sequence length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import logging
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from trainer.data.dataset_writer import staged_output, write_part
+from trainer.data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
+from trainer.log import setup_logging
+
+log = logging.getLogger("derm.data.movielens")
+
+RECBOLE = "recbole==1.2.1"
+WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+"""sha256 of recbole-1.2.1-py3-none-any.whl on PyPI: the converted data is pinned, not just the name."""
+WHEEL_DIR = "recbole/dataset_example/ml-100k"
+DEFAULT_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "recbole"  # git-ignored
+
+EMBEDDING_DIM = 16  # small tables; a multiple of 4 as FBGEMM requires
+AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])
+"""Age bucket edges: MovieLens-1M's seven groups (<18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+)."""
+YEAR_EDGES = np.array([1940, 1950, 1960, 1970, 1980, 1990, 1993, 1995, 1996, 1997, 1998])
+"""Release-year bucket edges: decades, finer in the 1990s, where 80% of the movies are. Bucket 0 is
+"unknown" (two ML-100K items have no year: 'unkonwn' and 'V'), 1 is before 1940, 12 is 1998 on."""
+ZIP_HASH_BUCKETS = 100
+"""Non-numeric zip prefixes (Canadian postal codes in ML-100K) are hashed into ids 1000..1099."""
+SECONDS_PER_DAY = 86_400
+
+
+class MovieLensError(ValueError):
+    """Input that breaks the contract; the message names the file, the column and the problem."""
+
+
+# ---- fetching --------------------------------------------------------------------------------------
+
+
+def fetch_recbole_wheel(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
+    """Returns the RecBole 1.2.1 wheel in ``cache_dir``, downloading it with pip if it is not there."""
+    cache_dir = Path(cache_dir)
+    found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
+    if not found:
+        log.info("downloading %s into %s", RECBOLE, cache_dir)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", RECBOLE, "-d", str(cache_dir)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
+        if done.returncode != 0 or not found:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise MovieLensError(f"could not download {RECBOLE} with pip ({last[0]}); "
+                                 "download the wheel by hand and pass --wheel, or pass --source-dir")
+    wheel = found[0]
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise MovieLensError(f"{wheel}: sha256 {digest} is not that of {RECBOLE} on PyPI; delete it and rerun")
+    return wheel
+
+
+# ---- reading and validating the atomic files -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MovieLens:
+    """The three atomic files, parsed and checked. Users and items are sorted by id."""
+
+    user: np.ndarray  # (N,) int64 user id of each rating
+    item: np.ndarray  # (N,) int64 item id
+    rating: np.ndarray  # (N,) int8 in 1..5
+    time: np.ndarray  # (N,) int64 seconds since the epoch
+    user_ids: np.ndarray  # (U,) int64, sorted, unique
+    age: np.ndarray  # (U,) int64 years
+    gender: np.ndarray  # (U,) str
+    occupation: np.ndarray  # (U,) str
+    zip_code: np.ndarray  # (U,) str
+    item_ids: np.ndarray  # (I,) int64, sorted, unique
+    release_year: np.ndarray  # (I,) str; not always a number
+    genres: pa.ListArray  # (I,) list<string>
+
+
+def read_movielens(source_dir: str | Path | None = None, wheel: str | Path | None = None) -> MovieLens:
+    """Reads ``*.inter``, ``*.user`` and ``*.item`` from a folder, or ML-100K from the RecBole wheel."""
+    if source_dir is not None and wheel is not None:
+        raise MovieLensError("give a source folder or a wheel, not both")
+    if source_dir is not None:
+        files = {kind: _find_atomic(Path(source_dir), kind) for kind in ("inter", "user", "item")}
+        raw = {kind: (str(p), p.read_bytes()) for kind, p in files.items()}
+        log.info("reading %s", ", ".join(str(p) for p in files.values()))
+    else:
+        wheel = Path(wheel) if wheel is not None else fetch_recbole_wheel()
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                raw = {k: (f"{wheel}!{WHEEL_DIR}/ml-100k.{k}", z.read(f"{WHEEL_DIR}/ml-100k.{k}"))
+                       for k in ("inter", "user", "item")}
+        except (OSError, zipfile.BadZipFile, KeyError) as e:
+            raise MovieLensError(f"{wheel}: not a RecBole wheel holding {WHEEL_DIR}: {e}") from None
+        log.info("reading %s from %s", WHEEL_DIR, wheel)
+
+    users, items = _read_users(*raw["user"]), _read_items(*raw["item"])
+    return _read_ratings(*raw["inter"], users, items, raw["user"][0], raw["item"][0])
+
+
+def _read_users(file: str, data: bytes) -> dict[str, np.ndarray]:
+    cols = _read_atomic(file, data, ["user_id", "age", "gender", "occupation", "zip_code"])
+    ids = _ints(cols["user_id"], file, "user_id")
+    by_id = _unique_order(ids, cols["user_id"], file, "user_id")
+    out = {c: _strings(cols[c], file, c)[by_id] for c in ("gender", "occupation", "zip_code")}
+    return {"user_ids": ids[by_id], "age": _ints(cols["age"], file, "age")[by_id], **out}
+
+
+def _read_items(file: str, data: bytes) -> dict[str, np.ndarray | pa.ListArray]:
+    cols = _read_atomic(file, data, ["item_id", "release_year", "class"])
+    ids = _ints(cols["item_id"], file, "item_id")
+    by_id = _unique_order(ids, cols["item_id"], file, "item_id")
+    # The year stays text: ML-100K has two items without one ("unkonwn" and "V"), see _year_bucket.
+    year = pc.utf8_trim_whitespace(cols["release_year"]).to_numpy(zero_copy_only=False).astype(str)
+    genres = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(cols["class"]))  # token_seq: space-separated
+    return {"item_ids": ids[by_id], "release_year": year[by_id], "genres": genres.take(pa.array(by_id))}
+
+
+def _read_ratings(file: str, data: bytes, users: dict, items: dict, user_file: str, item_file: str) -> MovieLens:
+    cols = _read_atomic(file, data, ["user_id", "item_id", "rating", "timestamp"])
+    if len(cols["user_id"]) == 0:
+        raise MovieLensError(f"{file}: no ratings")
+    user, item = _ints(cols["user_id"], file, "user_id"), _ints(cols["item_id"], file, "item_id")
+    rating = _numbers(cols["rating"], file, "rating")  # RecBole types it float; ML-100K writes whole stars
+    _check(~((rating >= 1) & (rating <= 5) & (rating == np.round(rating))), cols["rating"], file, "rating",
+           "is not a whole number of stars in 1..5")
+    stamp = pc.replace_substring_regex(pc.utf8_trim_whitespace(cols["timestamp"]), r"\.0*$", "")  # "8.0" is 8
+    t = _ints(stamp, file, "timestamp", nonnegative=False)
+    # Every rating must name a known user and item: nothing is dropped silently.
+    for ids, known, col, other in ((user, users["user_ids"], "user_id", user_file),
+                                   (item, items["item_ids"], "item_id", item_file)):
+        pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        _check(known[pos] != ids, cols[col], file, col, f"is not in {other}")
+    return MovieLens(user=user, item=item, rating=rating.astype(np.int8), time=t, **users, **items)
+
+
+def _find_atomic(folder: Path, kind: str) -> Path:
+    if not folder.is_dir():
+        raise MovieLensError(f"{folder}: not a folder (--source-dir wants the folder of the atomic files)")
+    hits = sorted(folder.glob(f"*.{kind}"))
+    if len(hits) != 1:
+        what = "none" if not hits else f"{len(hits)} ({', '.join(p.name for p in hits)})"
+        raise MovieLensError(f"{folder}: expected one *.{kind} atomic file, found {what}")
+    return hits[0]
+
+
+def _read_atomic(file: str, data: bytes, want: Sequence[str]) -> dict[str, pa.Array]:
+    """The ``want`` columns of a RecBole atomic file as strings; columns are matched by the name
+    before ``:`` in the header (``user_id:token`` is ``user_id``); quotes are plain characters."""
+    header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+    names = [h.split(":", 1)[0].strip() for h in header.split("\t")]
+    missing = [w for w in want if w not in names]
+    if missing:
+        raise MovieLensError(f"{file}: missing column(s) {missing}; the header has {names}")
+    generic = [f"c{i}" for i in range(len(names))]  # header names may repeat; positions do not
+    pick = {w: generic[names.index(w)] for w in want}
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(skip_rows=1, column_names=generic),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+            convert_options=pacsv.ConvertOptions(include_columns=list(pick.values()), strings_can_be_null=False,
+                                                 column_types={g: pa.string() for g in pick.values()}),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise MovieLensError(f"{file}: not a valid tab-separated atomic file: {e}") from None
+    return {w: table[g].combine_chunks() for w, g in pick.items()}
+
+
+def _check(bad: np.ndarray, values: pa.Array, file: str, col: str, problem: str) -> None:
+    """Raises naming the first bad row (1-based, counting data rows after the header)."""
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise MovieLensError(f"{file}: column '{col}', row {i + 1}: {values[i].as_py()!r} {problem} "
+                             f"({int(bad.sum())} bad row(s) in all)")
+
+
+def _numbers(values: pa.Array, file: str, col: str) -> np.ndarray:
+    text = pc.utf8_trim_whitespace(values)
+    _check(~pc.match_substring_regex(text, r"^-?[0-9]+(\.[0-9]*)?$").to_numpy(zero_copy_only=False), values,
+           file, col, "is not a number")
+    return pc.cast(text, pa.float64()).to_numpy()
+
+
+def _ints(values: pa.Array, file: str, col: str, nonnegative: bool = True) -> np.ndarray:
+    text = pc.utf8_trim_whitespace(values)
+    pattern = r"^[0-9]+$" if nonnegative else r"^-?[0-9]+$"
+    _check(~pc.match_substring_regex(text, pattern).to_numpy(zero_copy_only=False), values, file, col,
+           "is not a non-negative integer" if nonnegative else "is not an integer")
+    try:
+        return pc.cast(text, pa.int64()).to_numpy()
+    except pa.ArrowInvalid as e:
+        raise MovieLensError(f"{file}: column '{col}': {e}") from None
+
+
+def _strings(values: pa.Array, file: str, col: str) -> np.ndarray:
+    text = pc.utf8_trim_whitespace(values).to_numpy(zero_copy_only=False).astype(str)
+    _check(text == "", values, file, col, "is empty")
+    return text
+
+
+def _unique_order(ids: np.ndarray, values: pa.Array, file: str, col: str) -> np.ndarray:
+    """The permutation that sorts ``ids``; raises if an id repeats."""
+    order = np.argsort(ids, kind="stable")
+    repeat = np.zeros(len(ids), bool)
+    repeat[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+    _check(repeat, values, file, col, "appears more than once")
+    return order
+
+
+# ---- features ---------------------------------------------------------------------------------------
+
+
+def _vocab_ids(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Strings -> ids by their position in the sorted vocabulary; returns (ids, vocabulary size)."""
+    vocab, ids = np.unique(values, return_inverse=True)
+    return ids.astype(np.int64), len(vocab)
+
+
+def _zip3(zip_code: np.ndarray) -> np.ndarray:
+    """First three characters of the zip: their number where they are digits (0..999, US zips), else
+    FNV-1a (32-bit) of their UTF-8 bytes modulo ``ZIP_HASH_BUCKETS``, plus 1000 (stable across runs,
+    unlike Python's ``hash``)."""
+    head = np.char.encode(np.char.upper(zip_code), "utf-8").astype("S3")  # (U,) bytes, zero-padded
+    numeric = np.char.isdigit(head) & (np.char.str_len(head) == 3)
+    b = head.view(np.uint8).reshape(len(head), 3).astype(np.uint64)
+    h = np.full(len(head), 2166136261, np.uint64)
+    for k in range(3):  # over the three byte positions, not over rows
+        h = ((h ^ b[:, k]) * np.uint64(16777619)) & np.uint64(0xFFFFFFFF)
+    hashed = 1000 + (h % ZIP_HASH_BUCKETS).astype(np.int64)
+    return np.where(numeric, np.where(numeric, head, b"0").astype(np.int64), hashed)  # "0": parse only digits
+
+
+def _year_bucket(year: np.ndarray) -> np.ndarray:
+    known = np.char.isdigit(year) & (np.char.str_len(year) == 4)
+    y = np.where(known, year, "0").astype(np.int64)
+    return np.where(known, np.searchsorted(YEAR_EDGES, y, side="right") + 1, 0)
+
+
+def _genre_ids(genres: pa.ListArray) -> tuple[pa.ListArray, int]:
+    """list<string> genres -> list<int64> ids in the sorted genre vocabulary."""
+    ids, n = _vocab_ids(genres.flatten().to_numpy(zero_copy_only=False).astype(str))
+    return pa.ListArray.from_arrays(genres.offsets, pa.array(ids)), n
+
+
+def _history(ml: MovieLens, order: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, pa.Array, pa.Array, pa.Array]:
+    """Each rating's strictly-earlier ratings by the same user, newest first, at most ``max_seq_len``.
+
+    ``order`` sorts the ratings by (user, time, file position). Returns, in that order, the number
+    of strictly-earlier ratings (N,) and list arrays (N,) of their item ids, ratings and ages in days.
+    """
+    u, t, n = ml.user[order], ml.time[order], len(order)
+    idx = np.arange(n)
+    new_user = np.r_[True, u[1:] != u[:-1]]
+    new_second = new_user | np.r_[True, t[1:] != t[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, idx, 0))  # first rating of the user
+    second_start = np.maximum.accumulate(np.where(new_second, idx, 0))  # first of the user's same second
+    n_prior = second_start - user_start  # same-second ratings excluded: they would leak the label
+    length = np.minimum(n_prior, max_seq_len)
+    offsets = np.r_[0, np.cumsum(length)]
+    row = np.repeat(idx, length)  # (sum length,) the rating each sequence element belongs to
+    back = np.arange(offsets[-1]) - offsets[row]  # 0 = the newest earlier rating
+    pos = order[second_start[row] - 1 - back]  # file positions of the sequence elements
+
+    def lists(values: np.ndarray) -> pa.ListArray:
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
+
+    age_days = ((t[row] - ml.time[pos]) / SECONDS_PER_DAY).astype(np.float32)
+    return n_prior, lists(ml.item[pos]), lists(ml.rating[pos].astype(np.int32)), lists(age_days)
+
+
+def _sample_negatives(ml: MovieLens, user_row: np.ndarray, item_row: np.ndarray, k: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """(N, K) item rows, distinct within a rating and never rated by its user, drawn by popularity
+    (the item's number of ratings in the whole file). Rejection sampling in rounds; each round
+    redraws only the slots the last one rejected, so the loop is over rounds, never over rows."""
+    n_items = len(ml.item_ids)
+    cum_pop = np.cumsum(np.bincount(item_row, minlength=n_items))
+    rated = np.unique(user_row * n_items + item_row)  # sorted (user, item) pair keys
+    room = np.count_nonzero(np.bincount(item_row, minlength=n_items)) - np.bincount(rated // n_items)
+    short = np.flatnonzero(room[user_row] < k)
+    if len(short):
+        u = user_row[short[0]]
+        raise MovieLensError(f"user {ml.user_ids[u]} left only {room[u]} rated-by-anyone movies unrated, "
+                             f"fewer than the {k} negatives asked for; lower --negatives")
+    out = np.empty((len(user_row), k), np.int64)
+    todo = np.arange(out.size)  # flat slots still to fill
+    for rounds in range(1, 10_001):
+        out.flat[todo] = np.searchsorted(cum_pop, rng.integers(0, cum_pop[-1], len(todo)), side="right")
+        rows = np.unique(todo // k)
+        draws = out[rows]  # (rows, K)
+        key = user_row[rows, None] * n_items + draws
+        seen = rated[np.minimum(np.searchsorted(rated, key), len(rated) - 1)] == key
+        srt = np.argsort(draws, axis=1, kind="stable")
+        v = np.take_along_axis(draws, srt, axis=1)
+        repeat = np.zeros_like(seen)
+        np.put_along_axis(repeat, srt[:, 1:], v[:, 1:] == v[:, :-1], axis=1)  # keeps the first of equal draws
+        r, c = np.nonzero(seen | repeat)
+        todo = rows[r] * k + c
+        if len(todo) == 0:
+            log.info("sampled %d negatives in %d rounds", out.size, rounds)
+            return out
+    raise MovieLensError("negative sampling did not finish in 10,000 rounds; lower --negatives")
+
+
+def _count_before(row: np.ndarray, t: np.ndarray, query_row: np.ndarray, query_t: np.ndarray) -> np.ndarray:
+    """For each query, the number of (row, t) events with the same row and t strictly earlier.
+    Keys pack (row, rank of t) into one int64, so one sorted array answers all queries."""
+    times = np.unique(t)
+    width = len(times) + 1
+    keys = np.sort(row * width + np.searchsorted(times, t))
+    lo = np.searchsorted(keys, query_row * width)
+    return np.searchsorted(keys, query_row * width + np.searchsorted(times, query_t)) - lo
+
+
+# ---- the dataset ----------------------------------------------------------------------------------
+
+
+def build_impressions(ml: MovieLens, negatives: int = 4, max_seq_len: int = 50,
+                      seed: int = 0) -> tuple[pa.Table, dict[str, int]]:
+    """All R impressions, sorted by event_time (ties: user, file position, the positive first), with
+    both labels; and the vocabulary sizes the spec needs."""
+    user_row = np.searchsorted(ml.user_ids, ml.user)
+    item_row = np.searchsorted(ml.item_ids, ml.item)
+    neg = _sample_negatives(ml, user_row, item_row, negatives, np.random.default_rng(seed))
+
+    order = np.lexsort((ml.time, ml.user))  # (user, time, file position): the sequences' order
+    n_prior, seq_items, seq_rating, seq_age = _history(ml, order, max_seq_len)
+    # (N, 1 + K) -> R rows: the rating's own movie, then its negatives, at the rating's second.
+    pin_row = np.concatenate([item_row[order, None], neg[order]], axis=1).ravel()
+    of = np.repeat(np.arange(len(order)), 1 + negatives)  # (R,) position in `order`
+    positive = np.tile(np.arange(1 + negatives) == 0, len(order))
+    by_time = np.argsort(ml.time[order][of], kind="stable")
+    of, pin_row, positive = of[by_time], pin_row[by_time], positive[by_time]
+    rating_of = order[of]  # (R,) file position of the rating behind each row
+    t = ml.time[rating_of]
+    u = user_row[rating_of]
+
+    rating = np.where(positive, ml.rating[rating_of], 0).astype(np.int8)
+    gender, n_gender = _vocab_ids(ml.gender)
+    occupation, n_occupation = _vocab_ids(ml.occupation)
+    genres, n_genres = _genre_ids(ml.genres)
+    take = pa.array(of)
+    cols = {
+        "user_id": ml.user_ids[u],
+        "pin_id": ml.item_ids[pin_row],
+        "event_time": t,
+        "click": (rating >= 4).astype(np.int8),
+        "conversion": (rating == 5).astype(np.int8),
+        "rating": rating,
+        "user_age_bucket": np.searchsorted(AGE_EDGES, ml.age, side="right")[u],
+        "user_gender": gender[u],
+        "user_occupation": occupation[u],
+        "user_zip3": _zip3(ml.zip_code)[u],
+        "pin_release_year": _year_bucket(ml.release_year)[pin_row],
+        "pin_genres": genres.take(pa.array(pin_row)),
+        "hour_of_day": t // 3600 % 24,
+        "day_of_week": (t // SECONDS_PER_DAY + 3) % 7,  # Monday = 0; 1970-01-01 was a Thursday
+        "seq_pin_ids": seq_items.take(take),
+        "seq_rating": seq_rating.take(take),
+        "seq_age_days": seq_age.take(take),
+        "user_num_prior_ratings": n_prior[of].astype(np.float32),
+        "pin_num_prior_ratings": _count_before(item_row, ml.time, pin_row, t).astype(np.float32),
+    }
+    table = pa.table(cols)
+    sizes = {"users": int(ml.user_ids[-1]) + 1, "items": int(ml.item_ids[-1]) + 1, "gender": n_gender,
+             "occupation": n_occupation, "genres": n_genres}
+    return table, sizes
+
+
+def build_spec(sizes: dict[str, int], max_seq_len: int) -> FeatureSpec:
+    """The feature spec of the converted data (vocabulary sizes from :func:`build_impressions`)."""
+    d = EMBEDDING_DIM
+    sparse = [
+        SparseFeature("user_id", "user", sizes["users"], d),
+        SparseFeature("user_age_bucket", "user", len(AGE_EDGES) + 1, d),
+        SparseFeature("user_gender", "user", sizes["gender"], d),
+        SparseFeature("user_occupation", "user", sizes["occupation"], d),
+        SparseFeature("user_zip3", "user", 1000 + ZIP_HASH_BUCKETS, d),
+        SparseFeature("pin_id", "pin", sizes["items"], d),
+        SparseFeature("pin_release_year", "pin", len(YEAR_EDGES) + 2, d),
+        SparseFeature("pin_genres", "pin", sizes["genres"], d, multi=True, pooling="mean"),
+        SparseFeature("hour_of_day", "interaction", 24, d),
+        SparseFeature("day_of_week", "interaction", 7, d),
+    ]
+    side = (SideList("seq_rating", "seq_rating", "id", num_embeddings=6),
+            SideList("seq_age_days", "seq_age_days", "value", transform="log1p"))
+    sequence = [SequenceFeature("user_seq", "user", sizes["items"], d, max_seq_len, column="seq_pin_ids", side=side)]
+    dense = [DenseFeature("user_num_prior_ratings", "user", transform="log1p"),
+             DenseFeature("pin_num_prior_ratings", "pin", transform="log1p")]
+    return FeatureSpec(name="movielens-100k", keys=Keys(),
+                       sources=(Source("ctr", ("click",)), Source("cvr", ("conversion",))),
+                       sparse=tuple(sparse), sequence=tuple(sequence), dense=tuple(dense))
+
+
+def convert(out_dir: str | Path, source_dir: str | Path | None = None, wheel: str | Path | None = None,
+            negatives: int = 4, max_seq_len: int = 50, seed: int = 0, overwrite: bool = False) -> dict:
+    """Writes MovieLens-100K (or the atomic files in ``source_dir``) as a DERM dataset in ``out_dir``.
+
+    Args:
+        out_dir: dataset root; built in a staging folder and moved there only when complete.
+        source_dir: folder with one ``*.inter``, ``*.user`` and ``*.item`` atomic file each.
+        wheel: the RecBole 1.2.1 wheel (default: fetched into ``.cache/recbole``).
+        negatives: K, sampled negative impressions per rating.
+        max_seq_len: L, the longest user sequence kept.
+        seed: seed of the negative sampling; equal seeds give identical files.
+        overwrite: replace a non-empty ``out_dir``.
+
+    Returns the summary: ratings, users, items, days, rows per source, clicks, conversions.
+    """
+    if negatives < 0 or max_seq_len < 1:
+        raise MovieLensError(f"need negatives >= 0 and max_seq_len >= 1, got {negatives} and {max_seq_len}")
+    start = time.perf_counter()
+    with staged_output(out_dir, overwrite) as stage:
+        ml = read_movielens(source_dir, wheel)
+        log.info("read %d ratings of %d users on %d items", len(ml.user), len(ml.user_ids), len(ml.item_ids))
+        table, sizes = build_impressions(ml, negatives, max_seq_len, seed)
+        build_spec(sizes, max_seq_len).dump(stage / "spec.toml")
+        day = table["event_time"].to_numpy() // SECONDS_PER_DAY  # non-decreasing: rows are in time order
+        cuts = np.r_[0, np.flatnonzero(np.diff(day)) + 1, len(day)]
+        for source, other_label in (("ctr", "conversion"), ("cvr", "click")):
+            part = table.drop_columns([other_label])
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                write_part(part.slice(a, b - a), stage, source, str(np.datetime64(int(day[a]), "D")), 0)
+            log.info("wrote %s: %d rows in %d days", source, len(part), len(cuts) - 1)
+    summary = {
+        "out": str(out_dir), "ratings": len(ml.user), "users": len(ml.user_ids), "items": len(ml.item_ids),
+        "days": len(cuts) - 1, "first_day": str(np.datetime64(int(day[0]), "D")),
+        "last_day": str(np.datetime64(int(day[-1]), "D")), "rows": {"ctr": len(table), "cvr": len(table)},
+        "clicks": int((ml.rating >= 4).sum()), "conversions": int((ml.rating == 5).sum()),
+        "negatives": negatives, "max_seq_len": max_seq_len, "seed": seed,
+        "mean_seq_len": round(float(pc.mean(pc.list_value_length(table["seq_pin_ids"])).as_py()), 2),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    log.info("summary: %s", summary)
+    return summary
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``derm-movielens`` command: 0 on success, 2 (and a one-line message) on bad input."""
+    p = argparse.ArgumentParser(prog="derm-movielens", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__[__doc__.index("Usage"):__doc__.index("Glossary")].rstrip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="dataset root to write: spec.toml, ctr/, cvr/")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--source-dir", help="folder with one *.inter, *.user and *.item RecBole atomic file")
+    src.add_argument("--wheel", help="the recbole-1.2.1 wheel (default: downloaded once into .cache/recbole)")
+    p.add_argument("--negatives", type=int, default=4, help="negative impressions sampled per rating (default: 4)")
+    p.add_argument("--max-seq-len", type=int, default=50,
+                   help="longest user sequence kept, newest first (default: 50; ML-100K users average 106 ratings)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the negative sampling (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        convert(args.out, args.source_dir, args.wheel, args.negatives, args.max_seq_len, args.seed, args.overwrite)
+    except (MovieLensError, FileExistsError, FileNotFoundError) as e:
+        print(f"derm-movielens: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
