@@ -27,5 +27,14 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
 "${pip[@]}" install -r requirements/base.txt -r "requirements/$device.txt"
 # torchrec last and without its declared deps, so pip never pulls the CUDA fbgemm-gpu on CPU.
 "${pip[@]}" install --no-deps -r requirements/torchrec.txt
-"${pip[@]}" install --no-deps --no-build-isolation -e .
-"$venv/bin/python" -c "import torch, torchrec, fbgemm_gpu, pyarrow, faiss; print('install: ok, torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
+"${pip[@]}" install --no-deps -e .
+fbgemm=$([ "$device" = cpu ] && echo fbgemm-gpu-cpu || echo fbgemm-gpu)
+"$venv/bin/python" - "$fbgemm" <<'PY'
+import sys
+from importlib.metadata import version
+
+import faiss, fbgemm_gpu, pyarrow, torch, torchrec  # noqa: F401  (fails loudly if a wheel is broken)
+
+names = ("torch", "torchrec", sys.argv[1], "torchx", "pyarrow", "faiss-" + ("cpu" if "cpu" in sys.argv[1] else "gpu"))
+print("install: ok:", ", ".join(f"{n} {version(n)}" for n in names))
+PY

@@ -10,7 +10,10 @@ _QUIET = ("torch.fx._symbolic_trace",)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Timestamped ``name: message`` lines on stderr; known-noisy library loggers muted."""
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Timestamped ``name: message`` lines on stderr. Our ``derm.*`` loggers speak at ``level``;
+    libraries only from WARNING (fbgemm_gpu logs every library it loads on the root logger at
+    INFO), and known-noisy library warnings are muted."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("derm").setLevel(level)
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -163,17 +163,21 @@ class DayState:
 
     def _warm_start(self) -> None:
         """Gives day-0 users a plausible engagement history (up to 30 days before the start),
-        drawn from the same targeting model, so day 0 does not start with empty sequences."""
-        rng = np.random.default_rng([self.seed, 0xB0])
+        drawn from the same targeting model, so day 0 does not start with empty sequences.
+        Users are filled a block at a time, to keep memory bounded by the block."""
         sampler = Sampler(self.world, 0, "ctr")
-        users = self.world.alive_users(0)
+        alive = self.world.alive_users(0)
         L = self.history.pins.shape[1]
-        n = np.minimum(rng.poisson(L * np.minimum(self.world.user_activity[users], 2.0) / 2.0), L)
-        u = np.repeat(users, n)
-        pins = sampler.draw_pins(rng, u)
-        time = -rng.uniform(0.02, 30.0, size=u.size).astype(np.float32)
-        action = np.where(rng.random(u.size) < 0.4, ACTION_GOOD_CLICK, ACTION_CLICK).astype(np.int8)
-        self.history.push(u, pins, action, time)
+        block = self.world.cfg.chunk_rows // L + 1
+        for i, start in enumerate(range(0, alive.size, block)):
+            rng = np.random.default_rng([self.seed, 0xB0, i])
+            users = alive[start : start + block]
+            n = np.minimum(rng.poisson(L * np.minimum(self.world.user_activity[users], 2.0) / 2.0), L)
+            u = np.repeat(users, n)
+            pins = sampler.draw_pins(rng, u)
+            time = -rng.uniform(0.02, 30.0, size=u.size).astype(np.float32)
+            action = np.where(rng.random(u.size) < 0.4, ACTION_GOOD_CLICK, ACTION_CLICK).astype(np.int8)
+            self.history.push(u, pins, action, time)
 
     # ---- one chunk of rows ------------------------------------------------------------------
     def simulate_chunk(self, sampler: Sampler, source: str, day: int, chunk: int, n_chunks: int, n: int) -> pa.Table:
