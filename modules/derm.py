@@ -78,15 +78,18 @@ class DERMModel(nn.Module):
         pooled = self.ebc(batch.sparse).to_dict()  # feature name -> [B, d_f]
         sequences = self.ec(batch.sequence) if self.ec is not None else {}
         inputs = (pooled, sequences, batch.sequence_side, batch.dense)
-        user_tokens, user = self.user_tower(*inputs)
-        pin_tokens, pin = self.pin_tower(*inputs)
-        logits = self.interaction(user_tokens, pin_tokens, *inputs)
-        return DERMOutput(logits, user, pin)
+        # Index, don't unpack: TorchRec's train pipeline traces this forward with the towers as
+        # leaf modules, whose tuple outputs are then single FX proxies.
+        user = self.user_tower(*inputs)
+        pin = self.pin_tower(*inputs)
+        logits = self.interaction(user[0], pin[0], *inputs)
+        return DERMOutput(logits, user[1], pin[1])
 
 
 class DERMTrainTask(nn.Module):
     """The model plus its loss; ``forward(batch) -> (loss, (parts, output))`` for train pipelines,
-    where ``parts`` holds the detached loss terms and the temperature for logging."""
+    where ``parts`` holds the detached total (``loss``), its terms and the temperature, for logging
+    (``TrainPipelineSparseDist.progress`` returns only the second element)."""
 
     def __init__(self, model: DERMModel, loss: DERMLoss) -> None:
         super().__init__()
@@ -94,8 +97,8 @@ class DERMTrainTask(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[dict[str, torch.Tensor], DERMOutput]]:
         out = self.model(batch)
-        total, parts = self.loss(out.logits, batch.labels, out.user_embedding, out.pin_embedding, batch.pin_id)
-        return total, ({k: v.detach() for k, v in parts.items()}, out)
+        loss = self.loss(out.logits, batch.labels, out.user_embedding, out.pin_embedding, batch.pin_id)
+        return loss[0], (loss[1], out)  # indexed, not unpacked: see DERMModel.forward
 
 
 def build_derm(

@@ -396,7 +396,7 @@ class DERMLoss(nn.Module):
         ...     torch.randn(B, E), torch.randn(B, E), torch.tensor([5, 6, 7, 5]),
         ... )
         >>> sorted(parts)
-        ['bce', 'bce/0', 'bce/1', 'contrastive', 'temperature']
+        ['bce', 'bce/0', 'bce/1', 'contrastive', 'loss', 'temperature']
     """
 
     def __init__(
@@ -458,7 +458,7 @@ class DERMLoss(nn.Module):
 
         Returns:
             tuple[Tensor, dict[str, Tensor]]: the total loss (scalar, for backward) and detached
-            scalars for logging: ``bce/<t>`` per task, ``bce`` (weighted sum), ``contrastive``
+            scalars for logging: ``loss`` (the total), ``bce/<t>`` per task, ``bce`` (weighted sum), ``contrastive``
             (unweighted L_ssl) and ``temperature`` (tau).
         """
         if self.training:
@@ -469,7 +469,8 @@ class DERMLoss(nn.Module):
         bce_total, per_task = self.bce(logits, labels)
         ssl = self.contrastive(user_emb, pin_emb, pin_ids, positive, log_q)
         total = bce_total + self.contrastive_weight * ssl
-        parts = {f"bce/{t}": per_task[t].detach() for t in range(self.bce.num_tasks)}
+        parts = {"loss": total.detach()}
+        parts.update({f"bce/{t}": per_task[t].detach() for t in range(self.bce.num_tasks)})
         parts["bce"] = bce_total.detach()
         parts["contrastive"] = ssl.detach()
         parts["temperature"] = self.contrastive.temperature

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -19,9 +20,14 @@ def _free_port() -> int:
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, queue: Any, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    from trainer.log import setup_logging
+
+    setup_logging(rank=rank)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, fn(rank, world_size, *args), None))
+        # Plain pickle bytes: torch's queue would pass tensors through shared memory that
+        # disappears when this process exits, before the parent reads them.
+        queue.put((rank, pickle.dumps(fn(rank, world_size, *args)), None))
     except BaseException:  # report, so the parent fails with the child's traceback
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -44,7 +50,7 @@ def run_ranks(fn: Callable, world_size: int = 2, *args: Any, timeout: float = 30
             rank, value, error = queue.get(timeout=timeout)
             if error:
                 raise AssertionError(f"rank {rank} failed:\n{error}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=30)
