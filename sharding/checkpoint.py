@@ -1,0 +1,124 @@
+"""Sharded snapshots with ``torch.distributed.checkpoint`` (DCP).
+
+A snapshot is a directory::
+
+    SNAP/.metadata, SNAP/*.distcp    model (sharded tables, dense parts, the loss's frequency
+                                     estimator buffers) and optimizer state (fused and dense)
+    SNAP/meta.json                   trainer state (day, steps, data position), spec and model config
+    SNAP/rng-rank<r>.pt              each rank's RNG states (restored when the world size matches)
+
+Every rank writes its own shards; nothing is gathered to rank 0. Snapshots are written under a
+hidden staging name and renamed into place by rank 0 once every rank has finished, so a crash
+never leaves a half-written snapshot where a loader would take it for a complete one. DCP reshards
+on load, so a snapshot saved by N ranks loads into M ranks, or into one unsharded process
+(:func:`load_unsharded`) for small-scale inference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.optim import Optimizer
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+
+META = "meta.json"
+
+
+class SnapshotError(ValueError):
+    """A snapshot that is missing, incomplete or does not match the model being built."""
+
+
+def save_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer, meta: dict[str, Any], overwrite: bool = False) -> Path:
+    """Writes a snapshot of ``model`` (DMP-wrapped) and ``optimizer`` with ``meta`` to ``path``.
+    Collective: every rank of the default group calls it."""
+    path = Path(path)
+    rank = dist.get_rank()
+    if path.exists() and not overwrite:
+        raise SnapshotError(f"{path} exists; refusing to overwrite it (set train.overwrite = true to replace it)")
+    name = [f".{path.name}.staging-{uuid.uuid4().hex[:8]}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    stage = path.parent / name[0]
+    try:
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=stage)
+        torch.save(_rng_state(), stage / f"rng-rank{rank}.pt")
+        dist.barrier()
+        if rank == 0:
+            (stage / META).write_text(json.dumps({**meta, "world_size": dist.get_world_size()}, indent=1))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{name[0][-8:]}")
+                os.replace(path, old)
+                shutil.rmtree(old)
+            os.replace(stage, path)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    dist.barrier()
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta.json`` of a complete snapshot."""
+    path = Path(path)
+    try:
+        return json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"{path}: not a complete snapshot (no {META})") from None
+
+
+def load_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+    """Loads a snapshot into a DMP-wrapped ``model`` and its ``optimizer`` (any world size);
+    returns its meta. Collective."""
+    meta = read_meta(path)
+    # DCP loads into the tensors it is given: the dense optimizer's state must exist first.
+    _init_optimizer_state(optimizer)
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    rng = Path(path) / f"rng-rank{dist.get_rank()}.pt"
+    if meta.get("world_size") == dist.get_world_size() and rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return meta
+
+
+def load_unsharded(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """Loads a snapshot's model state into a plain, unsharded module in one process (no process
+    group): the basis of small-scale inference. Returns the snapshot's meta."""
+    meta = read_meta(path)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state["model"])
+    return meta
+
+
+def _init_optimizer_state(optimizer: Optimizer) -> None:
+    """Creates the dense optimizer's state if it has not stepped yet (TorchRec's zero-gradient
+    ``init_state`` step). The fused in-backward optimizers own their state from the start."""
+    for _, opt in getattr(optimizer, "optimizers", []):
+        if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:
+            opt.init_state()
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,194 @@
+"""The trainer on 2 gloo ranks: initial then incremental training with snapshots, exact resume
+(2N steps == N + save + load + N), a 2-rank snapshot serving one unsharded process, and the
+command line refusing bad input without touching what exists."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.config import DERMConfig, DHENConfig
+from modules.derm import build_derm
+from sharding.checkpoint import load_unsharded
+from tests.distributed import run_ranks
+from trainer.config import DataConfig, RunConfig, TrainConfig, dump_config, load_config
+from trainer.data.loader import make_loader
+from trainer.data.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
+MODEL = DERMConfig(
+    token_dim=16,
+    user_dhen=DHENConfig(layers=(("masknet", "transformer"),), mlp_hidden=32, masknet_block_dim=32),
+    pin_dhen=DHENConfig(layers=(("mlp", "dcn"),), mlp_hidden=32),
+    interaction_dhen=DHENConfig(layers=(("transformer", "mlp"),), out_tokens=2, mlp_hidden=32),
+    head_hidden=(16,),
+)
+
+
+def _config(root: str, run_dir: str, **train) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(root=root, source="cvr", batch_size=200, eval_batch_size=500, synthetic_preset=""),
+        train=TrainConfig(run_dir=run_dir, log_every=4, **train),
+        model=MODEL,
+    )
+
+
+def _local_state(model) -> dict[str, torch.Tensor]:
+    """This rank's part of every tensor in the (sharded) state dict."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if hasattr(v, "local_shards"):
+            shards = v.local_shards()
+            v = torch.cat([s.tensor.flatten() for s in shards]) if shards else torch.zeros(0)
+        elif hasattr(v, "to_local"):
+            v = v.to_local()
+        out[k] = v.detach().clone().float()
+    return out
+
+
+def _two_ranks(rank: int, world_size: int, root: str, run_dir: str) -> dict:
+    from trainer.distributed import DistContext
+    from trainer.loop import Trainer, run
+
+    ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
+    out: dict = {}
+    initial = _config(root, run_dir, days=(D1, D2), eval_day=D3)
+    out["initial"] = run(initial, ctx)
+    incremental = _config(root, run_dir, mode="incremental", day=D3)
+    out["incremental"] = run(incremental, ctx)
+
+    # Embeddings of rank 0's first batch, from D3's snapshot, under DMP.
+    trainer = Trainer(incremental, ctx)
+    trainer.load(trainer.snapshot_path(D3))
+    trainer.model.eval()
+    batch = next(iter(make_loader(root, "cvr", 64, days=[D1], rank=rank, world_size=world_size)))
+    with torch.no_grad():
+        _, (_, emb) = trainer.model(batch)
+    out["embeddings"] = (emb.user_embedding, emb.pin_embedding)
+
+    # 2N steps in one go == N steps, snapshot, a fresh trainer (other seed) loads it, N more.
+    scratch = f"{run_dir}-resume"
+    straight = Trainer(_config(root, scratch), ctx)
+    straight.train_day(D1, max_steps=6)
+    first = Trainer(_config(root, scratch), ctx)
+    first.train_day(D1, max_steps=3)
+    first.save(Path(scratch) / "half", D1, 3)
+    second = Trainer(dataclasses.replace(_config(root, scratch), train=TrainConfig(run_dir=scratch, seed=7)), ctx)
+    meta = second.load(Path(scratch) / "half")
+    second.train_day(D1, start_step=meta["day_step"], max_steps=3)
+    a, b = _local_state(straight.model), _local_state(second.model)
+    out["resume_max_diff"] = max((a[k] - b[k]).abs().max().item() for k in a if a[k].numel())
+    out["resume_keys"] = sorted(a) == sorted(b)
+    fresh = _local_state(Trainer(_config(root, scratch), ctx).model)
+    out["trained_vs_fresh"] = max((a[k] - fresh[k]).abs().max().item() for k in a if a[k].numel())
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "cvr"
+    ranks = run_ranks(_two_ranks, 2, str(tiny_world), str(run_dir), timeout=600)
+    return ranks, run_dir
+
+
+def test_initial_training_lowers_the_loss_and_evaluates(two_rank_run):
+    ranks, run_dir = two_rank_run
+    summary = ranks[0]["initial"]
+    assert [d["day"] for d in summary["days"]] == [D1, D2]
+    assert summary["days"][1]["mean_loss"] < summary["days"][0]["mean_loss"]
+    conv = summary["eval"]["conversion"]
+    assert summary["eval_day"] == D3 and conv["count"] == 2000  # both ranks' rows, gathered
+    assert 0.5 < conv["roc_auc"] < 1 and 0 < conv["ne"] and "oracle_roc_auc" in conv
+    assert ranks[1]["initial"]["eval"] == summary["eval"]
+    for day in (D1, D2, D3):
+        snap = run_dir / "snapshots" / f"day={day}"
+        assert (snap / "meta.json").exists() and (snap / ".metadata").exists()
+    assert not list((run_dir / "snapshots").glob(".*"))  # no staging directories left
+    assert (run_dir / "summary.json").exists() and list((run_dir / "tb").iterdir())
+
+
+def test_incremental_day_starts_from_the_previous_snapshot(two_rank_run):
+    ranks, run_dir = two_rank_run
+    inc = ranks[0]["incremental"]
+    assert inc["mode"] == "incremental" and [d["day"] for d in inc["days"]] == [D3]
+    # global steps continue from D2's snapshot rather than restarting
+    assert inc["global_step"] == ranks[0]["initial"]["global_step"] + inc["days"][0]["steps"]
+
+
+def test_resume_equals_uninterrupted_training(two_rank_run):
+    ranks, _ = two_rank_run
+    for r in ranks:
+        assert r["resume_keys"]
+        assert r["resume_max_diff"] < 1e-5, r["resume_max_diff"]
+        assert r["trained_vs_fresh"] > 1e-3  # training moved the weights: the comparison means something
+
+
+def test_two_rank_snapshot_serves_one_unsharded_process(two_rank_run, tiny_world):
+    ranks, run_dir = two_rank_run
+    spec = load_spec(tiny_world / "spec.toml")
+    task = build_derm(spec, "cvr", MODEL, device=torch.device("cpu"))
+    meta = load_unsharded(run_dir / "snapshots" / f"day={D3}", task)
+    assert meta["world_size"] == 2 and meta["day"] == D3
+    task.eval()
+    batch = next(iter(make_loader(tiny_world, "cvr", 64, days=[D1], rank=0, world_size=2)))
+    with torch.no_grad():
+        out = task.model(batch)
+    user, pin = ranks[0]["embeddings"]
+    torch.testing.assert_close(out.user_embedding, user, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.pin_embedding, pin, atol=1e-5, rtol=1e-4)
+
+
+# ---- the command line and bad input -------------------------------------------------------------
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "trainer/main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_or_bad_config_is_refused_before_anything_starts(tmp_path):
+    done = _main(f"--train.run_dir={tmp_path / 'run'}", "--train.colour=red")
+    assert done.returncode == 2 and "train: unknown key(s) ['colour']" in done.stderr
+    done = _main("--mode", "incremental")
+    assert done.returncode == 2 and "needs train.day" in done.stderr
+    done = _main("--data.batch_size=0")
+    assert done.returncode == 2 and "data.batch_size must be >= 1" in done.stderr
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"model.user_dhen: dhen.layers\[0\] must be two of"):
+        load_config(None, ['model.user_dhen.layers=[["lstm", "mlp"]]'])
+
+
+def test_bad_snapshots_are_refused_and_nothing_is_touched(two_rank_run, tiny_world, tmp_path):
+    _, run_dir = two_rank_run
+    world, copy, cfg = tmp_path / "world", tmp_path / "run", tmp_path / "run.toml"
+    shutil.copytree(tiny_world, world)
+    shutil.copytree(run_dir, copy)
+    (copy / "snapshots" / f"day={D3}").rename(copy / "snapshots" / ".retrain")  # so D3 can be trained again
+    before = sorted(p.name for p in (copy / "snapshots").iterdir())
+
+    def main_with(config: RunConfig) -> subprocess.CompletedProcess:
+        dump_config(config, cfg)
+        return _main("--config", str(cfg))
+
+    done = main_with(_config(str(world), str(tmp_path / "empty"), mode="incremental", day=D2))
+    assert done.returncode == 2 and f"no snapshot before {D2}" in done.stderr, done.stderr[-2000:]
+
+    other_model = dataclasses.replace(_config(str(world), str(copy), mode="incremental", day=D3), model=DERMConfig(token_dim=16))
+    done = main_with(other_model)
+    assert done.returncode == 2 and "its model differs from the model config" in done.stderr, done.stderr[-2000:]
+
+    spec = load_spec(world / "spec.toml")
+    grown = tuple(dataclasses.replace(f, num_embeddings=f.num_embeddings + 8) if f.name == "user_id" else f for f in spec.sparse)
+    dataclasses.replace(spec, sparse=grown).dump(world / "spec.toml")
+    done = main_with(_config(str(world), str(copy), mode="incremental", day=D3))
+    assert done.returncode == 2 and "its spec differs from" in done.stderr and "sparse" in done.stderr, done.stderr[-2000:]
+
+    done = main_with(_config(str(world), str(copy), days=(D1,)))
+    assert done.returncode == 2 and "exists; set train.overwrite = true to retrain" in done.stderr
+    assert sorted(p.name for p in (copy / "snapshots").iterdir()) == before  # nothing written or replaced

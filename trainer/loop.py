@@ -1,0 +1,293 @@
+"""The trainer of one upstream DERM model: built sharded, trained day by day, evaluated on a
+held-out day, snapshotted after every trained day (paper Appendix B.2: "initially trained from
+scratch using data from an extended time window. Subsequently, on a daily basis, the model is
+incrementally trained with newly arrived data by loading the weights from the last model
+snapshot").
+
+Order of construction (each step needs the one before):
+1. the spec and the days on disk — fail fast on bad input, before any model is built;
+2. the model: tables on ``meta``, dense parts on the device (``modules.derm.build_derm``);
+3. sharding: fused table optimizer, planner, DMP, dense optimizer (``sharding.dmp.shard_model``);
+4. outputs: TensorBoard on rank 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from modules.derm import build_derm
+from sharding.checkpoint import SnapshotError, load_snapshot, read_meta, save_snapshot
+from sharding.collectives import all_gather_ids
+from sharding.dmp import shard_model
+from trainer.config import RunConfig, to_dict
+from trainer.data.batch import Batch
+from trainer.data.loader import make_loader
+from trainer.data.spec import load_spec
+from trainer.distributed import DistContext
+from trainer.metrics import binary_metrics
+
+log = logging.getLogger("derm.train")
+
+
+class Trainer:
+    """Trains ``config.data.source``'s upstream model on this rank's share of each day."""
+
+    def __init__(self, config: RunConfig, ctx: DistContext) -> None:
+        self.config, self.ctx = config, ctx
+        self.root = Path(config.data.root)
+        self.source = config.data.source
+        self.spec = load_spec(self.root / "spec.toml")
+        self.spec.source(self.source)  # raises, naming the spec's sources, if unknown
+        self.days_on_disk = _days(self.root, self.source, self.spec.keys.day)
+        self.run_dir = Path(config.train.run_dir)
+        self.snapshots = self.run_dir / "snapshots"
+
+        torch.manual_seed(config.train.seed)  # dense init; DDP also broadcasts rank 0's weights
+        task = build_derm(
+            self.spec, self.source, config.model, device=ctx.device,
+            embedding_device=torch.device("meta"), gather=all_gather_ids(),
+        )
+        self.model, self.optimizer = shard_model(task, ctx.device, config.optimizer)
+        self.labels = task.model.labels
+        self.global_step = 0
+        self.days_trained: list[str] = []
+        self.writer = SummaryWriter(str(self.run_dir / "tb")) if ctx.is_main else None
+
+    # ---- training ---------------------------------------------------------------------------
+    def train_day(self, day: str, start_step: int = 0, max_steps: int = 0) -> dict[str, Any]:
+        """One pass over ``day`` (from batch ``start_step``; at most ``max_steps`` steps), the same
+        number of steps on every rank."""
+        cfg = self.config
+        loader = make_loader(self.root, self.source, cfg.data.batch_size, days=[day], rank=self.ctx.rank,
+                             world_size=self.ctx.world_size, num_workers=cfg.data.num_workers, spec=self.spec)
+        steps = _all_reduce_int(len(loader), dist.ReduceOp.MIN, self.ctx.device)  # ranks may differ by one batch
+        cap = max_steps or cfg.train.max_steps_per_day
+        steps = min(steps, start_step + cap) if cap else steps
+        loader.position = start_step  # resumes after the batches already trained on
+        batches = itertools.islice(iter(loader), max(steps - start_step, 0))
+
+        self.model.train()
+        sums: dict[str, float] = defaultdict(float)
+        n_window, t_window, t0 = 0, time.perf_counter(), time.perf_counter()
+        done, loss_sum = start_step, 0.0
+        for parts in self._steps(batches):
+            done += 1
+            self.global_step += 1
+            n_window += 1
+            loss_sum += float(parts["loss"])
+            for k, v in parts.items():
+                sums[k] += float(v)
+            if done % cfg.train.log_every == 0 or done == steps:
+                secs = time.perf_counter() - t_window
+                rate = n_window * cfg.data.batch_size * self.ctx.world_size / max(secs, 1e-9)
+                means = {k: v / n_window for k, v in sums.items()}
+                self._progress(day, done, steps, rate, means)
+                sums.clear()
+                n_window, t_window = 0, time.perf_counter()
+        seconds = time.perf_counter() - t0
+        examples = (done - start_step) * cfg.data.batch_size * self.ctx.world_size
+        self.days_trained.append(day)
+        return {"day": day, "steps": done - start_step, "examples": examples, "seconds": round(seconds, 2),
+                "examples_per_s": round(examples / max(seconds, 1e-9), 1),
+                "mean_loss": loss_sum / max(done - start_step, 1)}
+
+    def _steps(self, batches: Iterator[Batch]) -> Iterator[dict[str, torch.Tensor]]:
+        """Runs one optimizer step per batch; yields the step's loss parts."""
+        device = self.ctx.device
+        if self.config.train.pipeline:
+            pipeline = TrainPipelineSparseDist(self.model, self.optimizer, device)
+            try:
+                while True:
+                    try:
+                        parts, _ = pipeline.progress(batches)
+                    except StopIteration:
+                        break
+                    yield parts
+            finally:
+                pipeline.detach()  # restores the model's own forward for evaluation and saving
+            return
+        for batch in batches:
+            loss, (parts, _) = self.model(batch.to(device))
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            yield parts
+
+    def _progress(self, day: str, step: int, steps: int, rate: float, means: dict[str, float]) -> None:
+        tasks = "  ".join(f"{label} {means.get(f'bce/{i}', float('nan')):.4f}" for i, label in enumerate(self.labels))
+        log.info("day %s step %d/%d | %.0f ex/s | loss %.4f | bce %s | contrastive %.3f | tau %.3f",
+                 day, step, steps, rate, means["loss"], tasks, means["contrastive"], means["temperature"])
+        if self.writer is not None:
+            for k, v in means.items():
+                name = f"train/bce_{self.labels[int(k[4:])]}" if k.startswith("bce/") else f"train/{k}"
+                self.writer.add_scalar(name, v, self.global_step)
+            self.writer.add_scalar("train/examples_per_s", rate, self.global_step)
+
+    # ---- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, day: str) -> dict[str, dict[str, float]]:
+        """Metrics per task on ``day``, over every rank's rows (same on every rank)."""
+        loader = make_loader(self.root, self.source, self.config.data.eval_batch_size, days=[day],
+                             rank=self.ctx.rank, world_size=self.ctx.world_size, spec=self.spec)
+        # Sharded lookups are collective: every rank runs the same number of forwards, repeating
+        # its last batch (predictions dropped) when it has fewer.
+        steps = _all_reduce_int(len(loader), dist.ReduceOp.MAX, self.ctx.device)
+        self.model.eval()
+        preds, labels, oracle = [], [], []
+        it, batch = iter(loader), None
+        for _ in range(steps):
+            nxt = next(it, None)
+            batch, keep = (nxt, True) if nxt is not None else (batch, False)
+            _, (_, out) = self.model(batch.to(self.ctx.device))
+            if keep:
+                preds.append(torch.sigmoid(out.logits).cpu())
+                labels.append(batch.labels)
+                if batch.oracle is not None:
+                    oracle.append(batch.oracle)
+        T, dev = len(self.labels), self.ctx.device
+        gather = lambda rows: all_gather_ids()(torch.cat(rows).to(dev).flatten()).cpu().view(-1, T)  # noqa: E731
+        p, y = gather(preds), gather(labels)  # every rank's rows, in rank order
+        o = gather(oracle) if oracle else None
+        metrics = {}
+        for i, label in enumerate(self.labels):
+            m = binary_metrics(p[:, i], y[:, i])
+            if o is not None and not torch.isnan(o[:, i]).any():
+                m["oracle_roc_auc"] = binary_metrics(o[:, i], y[:, i])["roc_auc"]
+            metrics[label] = m
+            if self.writer is not None:
+                for k in ("roc_auc", "pr_auc", "ne", "calibration"):
+                    self.writer.add_scalar(f"eval/{label}_{k}", m[k], self.global_step)
+        self.model.train()
+        return metrics
+
+    # ---- snapshots --------------------------------------------------------------------------
+    def snapshot_path(self, day: str) -> Path:
+        return self.snapshots / f"day={day}"
+
+    def save(self, path: Path, day: str, day_step: int) -> Path:
+        meta = {
+            "day": day, "source": self.source, "global_step": self.global_step, "day_step": day_step,
+            "days_trained": self.days_trained, "spec": self.spec.for_source(self.source).to_dict(),
+            "model": to_dict(self.config.model),
+        }
+        saved = save_snapshot(path, self.model, self.optimizer, meta, overwrite=self.config.train.overwrite)
+        log.info("saved snapshot %s", saved)
+        return saved
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Loads a snapshot after checking it was made for this spec and model config."""
+        meta = read_meta(path)
+        _same(path, "spec", meta["spec"], self.spec.for_source(self.source).to_dict(), f"{self.root / 'spec.toml'} (source {self.source})")
+        _same(path, "model", meta["model"], to_dict(self.config.model), "the model config")
+        load_snapshot(path, self.model, self.optimizer)
+        self.global_step, self.days_trained = meta["global_step"], list(meta["days_trained"])
+        log.info("loaded snapshot %s (trained on %s)", path, ", ".join(self.days_trained) or "nothing")
+        return meta
+
+    def latest_snapshot_before(self, day: str) -> Path | None:
+        done = sorted(p for p in self.snapshots.glob("day=*") if p.name[4:] < day and (p / "meta.json").exists())
+        return done[-1] if done else None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---- the whole run ------------------------------------------------------------------------------
+
+
+def run(config: RunConfig, ctx: DistContext) -> dict[str, Any]:
+    """Trains (initial or incremental), snapshots each day, evaluates; returns the run summary
+    (also written to RUN_DIR/summary.json)."""
+    t = config.train
+    trainer = Trainer(config, ctx)
+    try:
+        days = _plan_days(trainer, config)
+        eval_day = _eval_day(trainer, days[-1], t.eval_day)
+        for day in days:  # refuse before training anything, so nothing is half-replaced
+            if trainer.snapshot_path(day).exists() and not t.overwrite:
+                raise SnapshotError(f"{trainer.snapshot_path(day)} exists; set train.overwrite = true to retrain {day}")
+        if t.mode == "incremental":
+            previous = trainer.latest_snapshot_before(days[0])
+            if previous is None:
+                raise SnapshotError(
+                    f"no snapshot before {days[0]} under {trainer.snapshots}; train the window first with --mode initial"
+                )
+            trainer.load(previous)
+        summary: dict[str, Any] = {"mode": t.mode, "source": config.data.source, "world_size": ctx.world_size, "days": []}
+        for day in days:
+            stats = trainer.train_day(day)
+            trainer.save(trainer.snapshot_path(day), day, stats["steps"])
+            summary["days"].append(stats)
+        if eval_day:
+            summary["eval_day"] = eval_day
+            summary["eval"] = trainer.evaluate(eval_day)
+            _log_eval(eval_day, summary["eval"])
+        summary["global_step"] = trainer.global_step
+        summary["snapshot"] = str(trainer.snapshot_path(days[-1]))
+        if ctx.is_main:
+            (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        trainer.close()
+
+
+def _plan_days(trainer: Trainer, config: RunConfig) -> list[str]:
+    t, on_disk = config.train, trainer.days_on_disk
+    if t.mode == "incremental":
+        days = [t.day]
+    else:
+        days = list(t.days) or (on_disk[:-1] if len(on_disk) > 1 else on_disk)
+    missing = [d for d in days if d not in on_disk]
+    if missing:
+        raise ValueError(f"{trainer.root / trainer.source}: no data for day(s) {missing}; it has {on_disk[0]} .. {on_disk[-1]}")
+    return days
+
+
+def _eval_day(trainer: Trainer, last: str, wanted: str) -> str | None:
+    if wanted == "none":
+        return None
+    if wanted:
+        if wanted not in trainer.days_on_disk:
+            raise ValueError(f"train.eval_day {wanted} has no data under {trainer.root / trainer.source}")
+        return wanted
+    later = [d for d in trainer.days_on_disk if d > last]
+    return later[0] if later else None
+
+
+def _log_eval(day: str, metrics: dict[str, dict[str, float]]) -> None:
+    for label, m in metrics.items():
+        oracle = f" (oracle {m['oracle_roc_auc']:.4f})" if "oracle_roc_auc" in m else ""
+        log.info("eval %s %-16s ROC-AUC %.4f%s  PR-AUC %.4f  NE %.4f  calibration %.3f  (%d rows)",
+                 day, label, m["roc_auc"], oracle, m["pr_auc"], m["ne"], m["calibration"], m["count"])
+
+
+def _days(root: Path, source: str, key: str) -> list[str]:
+    src = root / source
+    if not src.is_dir():
+        raise ValueError(f"{src}: no such source directory")
+    return sorted(p.name[len(key) + 1:] for p in src.iterdir() if p.is_dir() and p.name.startswith(f"{key}="))
+
+
+def _all_reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
+def _same(path: Path, what: str, saved: dict, now: dict, now_name: str) -> None:
+    if saved != now:
+        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise SnapshotError(f"{path}: its {what} differs from {now_name} (in {keys}); refusing to load it")
+
