@@ -11,7 +11,7 @@ $(STAMP): requirements/base.txt requirements/cpu.txt requirements/cuda.txt requi
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m trainer.demo
+	$(PY) trainer/main.py --train.overwrite=true
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

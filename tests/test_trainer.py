@@ -192,3 +192,21 @@ def test_bad_snapshots_are_refused_and_nothing_is_touched(two_rank_run, tiny_wor
     done = main_with(_config(str(world), str(copy), days=(D1,)))
     assert done.returncode == 2 and "exists; set train.overwrite = true to retrain" in done.stderr
     assert sorted(p.name for p in (copy / "snapshots").iterdir()) == before  # nothing written or replaced
+
+
+@pytest.mark.slow
+def test_the_users_torchx_command_trains_two_ranks_and_snapshots(tiny_world, tmp_path):
+    """`torchx run -s local_cwd dist.ddp -j 1x2 trainer/main.py` (the README's command, 2 ranks)."""
+    import os
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # torchx calls torchrun by name
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "trainer/main.py",
+         f"--data.root={tiny_world}", f"--train.run_dir={run_dir}", f"--train.days=[\"{D1}\"]", "--train.max_steps_per_day=3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    meta = (run_dir / "snapshots" / f"day={D1}" / "meta.json").read_text()
+    assert '"world_size": 2' in meta
+    assert "roc_auc" in (run_dir / "summary.json").read_text()

@@ -80,13 +80,31 @@ def main(argv: list[str] | None = None) -> int:
         log.info("rank %d/%d on %s (%s); run dir %s", ctx.rank, ctx.world_size, ctx.device, ctx.backend, config.train.run_dir)
         summary = run(config, ctx)
         if ctx.is_main:
-            print(json.dumps(summary, indent=1))
+            print(_summary_table(summary, config))
         return 0
     except (ValueError, SnapshotError, DataError, SpecError, FileExistsError) as e:
         log.error("%s", e)
         return 2
     finally:
         shutdown()
+
+
+def _summary_table(summary: dict, config: RunConfig) -> str:
+    days = summary["days"]
+    steps = sum(d["steps"] for d in days)
+    rate = sum(d["examples"] for d in days) / max(sum(d["seconds"] for d in days), 1e-9)
+    lines = [
+        f"\n{summary['source']} model, {summary['mode']} training on {days[0]['day']}..{days[-1]['day']} "
+        f"({summary['world_size']} rank(s)): {steps} steps, {rate:,.0f} examples/s",
+    ]
+    if "eval" in summary:
+        lines.append(f"{'eval ' + summary['eval_day']:<22}{'ROC-AUC':>9}{'PR-AUC':>9}{'NE':>8}{'calib':>8}{'oracle AUC':>12}")
+        for label, m in summary["eval"].items():
+            lines.append(f"{label:<22}{m['roc_auc']:>9.4f}{m['pr_auc']:>9.4f}{m['ne']:>8.4f}{m['calibration']:>8.3f}"
+                         f"{m.get('oracle_roc_auc', float('nan')):>12.4f}")
+    run_dir = config.train.run_dir
+    lines.append(f"snapshot {summary['snapshot']}; summary {run_dir}/summary.json; tensorboard --logdir {run_dir}/tb")
+    return "\n".join(lines)
 
 
 def _ensure_data(config: RunConfig, ctx) -> None:
