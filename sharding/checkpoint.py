@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,9 @@ def load_unsharded(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
     group): the basis of small-scale inference. Returns the snapshot's meta."""
     meta = read_meta(path)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": exactly our intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(state["model"])
     return meta
 

@@ -17,3 +17,14 @@ def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny") / "world"
     generate(root, TINY, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot(tiny_world, tmp_path_factory):
+    """A cvr snapshot of day 1 of the tiny world, trained for a few steps on 2 gloo ranks."""
+    from tests.distributed import run_ranks
+    from tests.test_trainer import _two_rank_train_day
+
+    run_dir = tmp_path_factory.mktemp("snap") / "cvr"
+    run_ranks(_two_rank_train_day, 2, str(tiny_world), str(run_dir), timeout=600)
+    return run_dir / "snapshots" / "day=2026-01-01"

@@ -210,3 +210,12 @@ def test_the_users_torchx_command_trains_two_ranks_and_snapshots(tiny_world, tmp
     meta = (run_dir / "snapshots" / f"day={D1}" / "meta.json").read_text()
     assert '"world_size": 2' in meta
     assert "roc_auc" in (run_dir / "summary.json").read_text()
+
+
+def _two_rank_train_day(rank: int, world_size: int, root: str, run_dir: str) -> None:
+    """A few steps on day 1, snapshotted (the fixture behind tests of snapshot consumers)."""
+    from trainer.distributed import DistContext
+    from trainer.loop import run
+
+    ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
+    run(_config(root, run_dir, days=(D1,), eval_day="none", max_steps_per_day=4), ctx)
