@@ -13,23 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.config import DERMConfig, DHENConfig
+from modules.config import DERMConfig
 from modules.derm import build_derm
 from sharding.checkpoint import load_unsharded
 from tests.distributed import run_ranks
+from tests.test_derm_sharded import CONFIG
 from trainer.config import DataConfig, RunConfig, TrainConfig, dump_config, load_config
 from trainer.data.loader import make_loader
 from trainer.data.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
-MODEL = DERMConfig(
-    token_dim=16,
-    user_dhen=DHENConfig(layers=(("masknet", "transformer"),), mlp_hidden=32, masknet_block_dim=32),
-    pin_dhen=DHENConfig(layers=(("mlp", "dcn"),), mlp_hidden=32),
-    interaction_dhen=DHENConfig(layers=(("transformer", "mlp"),), out_tokens=2, mlp_hidden=32),
-    head_hidden=(16,),
-)
+MODEL = CONFIG  # the small model of the sharding tests
 
 
 def _config(root: str, run_dir: str, **train) -> RunConfig:
