@@ -2,27 +2,30 @@
 and the dense optimizer beside the fused one — in that order (the recipe of TORCHREC-NOTES.md).
 
 Order matters: the fused optimizer must be attached to the embedding tables *before* the planner
-and DMP see them (``apply_optimizer_in_backward``), and the dense optimizer built *after* DMP, over
-the parameters DMP leaves to it.
+and DMP see them (``apply_optimizer_in_backward``; the planner counts its state), and the dense
+optimizer built *after* DMP, over the parameters DMP leaves to it. The planner and the layouts it
+may choose per device are ``sharding/planner.py``'s.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.types import ShardingEnv
+from torchrec.distributed.planner import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from sharding.planner import make_planner, sharders, sharding_constraints
 
 SPARSE_OPTIMIZERS = {
     "rowwise_adagrad": RowWiseAdagrad,
@@ -56,23 +59,51 @@ def shard_model(
     device: torch.device,
     optimizer: OptimizerConfig = OptimizerConfig(),
     pg: dist.ProcessGroup | None = None,
+    constraints: Optional[dict[str, ParameterConstraints]] = None,
+    plan: Optional[ShardingPlan] = None,
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Shards ``module``'s embedding collections across the ranks of ``pg`` (dense parts stay
     data-parallel) and returns the DMP-wrapped module with one optimizer for all parameters.
 
     ``module``'s collections are expected on ``meta``; its dense parts on ``device``.
+
+    Args:
+        constraints: per-table layouts the planner may choose; default
+            ``sharding.planner.sharding_constraints(module, device.type)`` (what works on the
+            device; HBM only on CUDA).
+        plan: a ready plan (e.g. from a dry run); skips planning. It must cover every table.
     """
     optimizer.check(device)
     pg = pg if pg is not None else dist.group.WORLD
     tables = [p for m in module.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for p in m.parameters()]
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[optimizer.sparse], tables, {"lr": optimizer.sparse_lr})
-    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
-    topology = Topology(world_size=dist.get_world_size(pg), compute_device=device.type)
-    plan = EmbeddingShardingPlanner(topology=topology, debug=False).collective_plan(module, sharders, pg)
-    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders)
+    if plan is None:
+        world_size = dist.get_world_size(pg)
+        planner = make_planner(
+            world_size,
+            device.type,
+            hbm_gb=_hbm_gb(device),
+            constraints=constraints if constraints is not None else sharding_constraints(module, device.type),
+            local_world_size=_local_world_size(world_size),
+        )
+        plan = planner.collective_plan(module, sharders(), pg)  # rank 0 plans, the others receive it
+    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders())
     dense_cls = DENSE_OPTIMIZERS[optimizer.dense]
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: dense_cls(params, lr=optimizer.dense_lr),
     )
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def _hbm_gb(device: torch.device) -> Optional[float]:
+    """The GPU's own memory, not TorchRec's default of 32 GB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 1024**3
+
+
+def _local_world_size(world_size: int) -> int:
+    """Ranks per host, as torchrun/TorchX set it (all ranks on one host when unset or odd)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return local if 1 <= local <= world_size and world_size % local == 0 else world_size
