@@ -28,6 +28,18 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
 # torchrec last and without its declared deps, so pip never pulls the CUDA fbgemm-gpu on CPU.
 "${pip[@]}" install --no-deps -r requirements/torchrec.txt
 "${pip[@]}" install --no-deps -e .
+# redis-server: the Redis feature-store tests start a throwaway one (tests/redis_server.py); they
+# skip without it, except under CI, where they fail. Installed from Debian's packages when we can.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "install: redis-server (Debian package, for the Redis feature-store tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "install: note: redis-server not found; the Redis store tests will skip. Install it with" \
+      "'sudo apt-get install redis-server' (Debian/Ubuntu) or 'brew install redis' (macOS)." >&2
+  fi
+fi
 fbgemm=$([ "$device" = cpu ] && echo fbgemm-gpu-cpu || echo fbgemm-gpu)
 "$venv/bin/python" - "$fbgemm" <<'PY'
 import sys

@@ -1,0 +1,235 @@
+"""Approximate-nearest-neighbour index over one published Pin version, for user -> Pin retrieval
+(paper Appendix C.3: "Pin embeddings are built into Pin indexing for ranking and retrieval").
+
+    index = AnnIndex.build(pin_ids, pin_embeddings)      # [P] int64, [P, E] float32
+    ids, scores = index.search(user_embeddings, k=100)   # [Q, k] int64 Pin ids, [Q, k] float32
+    index.save("runs/ann/ctr-pin-2026-01-03"); AnnIndex.load("runs/ann/ctr-pin-2026-01-03")
+
+Glossary: P Pins in the index, Q queries, E embedding dim, k results per query.
+
+Scores are cosine similarities: both sides are L2-normalised (DERM's towers emit unit vectors, but
+a moving-average pool (paper Appendix C.2) shrinks norms), so FAISS's inner product is the cosine.
+Which FAISS index, by pool size (`AnnConfig`):
+- up to ``exact_max_rows`` Pins: ``IndexFlatIP``, exact search;
+- above: ``IndexIVFFlat`` (``nlist = nlist_factor * sqrt(P)`` lists, k-means trained on a random
+  sample of ``train_points_per_list * nlist`` Pins, ``nprobe`` lists searched per query) or, with
+  ``kind="hnsw"``, ``IndexHNSWFlat`` (no training; more memory; higher recall per QPS on CPU).
+FAISS stores positions 0..P-1; ``ids.npy`` beside the index maps them back to Pin ids (one id map
+for every index kind, GPU indexes included).
+
+GPU: with ``use_gpu`` (default: when ``faiss.get_num_gpus() > 0``, i.e. the faiss-gpu build on a
+GPU machine) the built index is copied to all GPUs for search (``faiss.index_cpu_to_all_gpus``);
+building and saving use the CPU copy. HNSW has no GPU version and stays on CPU. This path is the
+same code with one switch, but it is not exercised by the CPU test suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+log = logging.getLogger("derm.embeddings.ann")
+
+KINDS = ("flat", "ivf", "hnsw")
+
+
+@dataclasses.dataclass
+class AnnConfig:
+    """How to index a Pin version; the defaults suit 64-dim DERM embeddings on CPU."""
+
+    exact_max_rows: int = 100_000
+    """Pools up to this many Pins get the exact IndexFlatIP (brute force is fast enough there)."""
+    kind: str = "ivf"
+    """Index for larger pools: "ivf" (IndexIVFFlat) or "hnsw" (IndexHNSWFlat)."""
+    nlist_factor: float = 4.0
+    """IVF lists = nlist_factor * sqrt(P); FAISS's guideline is 4-16 * sqrt(P)."""
+    nprobe: int = 0
+    """IVF lists searched per query; 0 = max(32, nlist // 32), ~3% of the Pins at 1M (recall vs. QPS)."""
+    train_points_per_list: int = 64
+    """IVF k-means trains on this many sampled Pins per list (FAISS warns below 39)."""
+    hnsw_m: int = 32
+    """HNSW graph degree."""
+    hnsw_ef_construction: int = 128
+    """HNSW build-time beam width."""
+    hnsw_ef_search: int = 128
+    """HNSW search-time beam width (recall vs. QPS)."""
+    use_gpu: bool | None = None
+    """Search on all GPUs; None = when faiss sees a GPU."""
+    seed: int = 0
+    """Seeds the training sample and k-means."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ivf", "hnsw"):
+            raise ValueError(f"AnnConfig.kind must be 'ivf' or 'hnsw', not {self.kind!r}")
+        positive = ("exact_max_rows", "nlist_factor", "train_points_per_list", "hnsw_m", "hnsw_ef_construction")
+        for name in (*positive, "hnsw_ef_search"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"AnnConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.nprobe < 0:
+            raise ValueError(f"AnnConfig.nprobe must be >= 0 (0 = automatic), got {self.nprobe!r}")
+
+
+def _unit_rows(x: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
+    """A float32 C-contiguous copy of x [R, E] with unit-norm rows (zero rows stay zero)."""
+    arr = np.asarray(x)
+    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
+        want = f"[R, {dim}]" if dim is not None else "[R, E]"
+        raise ValueError(f"{what} must have shape {want}, got {arr.shape}")
+    out = np.array(arr, dtype=np.float32, order="C", copy=True)
+    faiss.normalize_L2(out)
+    return out
+
+
+class AnnIndex:
+    """A FAISS index over one Pin version plus its position -> Pin id map.
+
+    Args:
+        index: a trained, filled FAISS index over P vectors (CPU).
+        ids: [P] int64 Pin ids, ``ids[i]`` for FAISS position i.
+        kind: "flat", "ivf" or "hnsw".
+        use_gpu: search on all GPUs (None: when faiss sees one; ignored for HNSW).
+    """
+
+    def __init__(self, index: faiss.Index, ids: np.ndarray, kind: str, use_gpu: bool | None = None) -> None:
+        if index.ntotal != len(ids):
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
+        self.index, self.ids, self.kind = index, np.asarray(ids, np.int64), kind
+        if use_gpu is None:
+            use_gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
+        self.on_gpu = bool(use_gpu) and kind != "hnsw"
+        self._search_index = faiss.index_cpu_to_all_gpus(index) if self.on_gpu else index
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def __repr__(self) -> str:
+        return f"AnnIndex(kind={self.kind!r}, pins={len(self)}, dim={self.dim}, gpu={self.on_gpu})"
+
+    @classmethod
+    def build(cls, ids: np.ndarray, embeddings: np.ndarray, config: AnnConfig | None = None) -> "AnnIndex":
+        """Indexes Pins ``ids`` [P] (unique int64) with ``embeddings`` [P, E]."""
+        config = config or AnnConfig()
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be a 1-D integer array, got dtype {ids.dtype} and shape {ids.shape}")
+        vectors = _unit_rows(embeddings, "embeddings")
+        if len(vectors) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(vectors)} embeddings")
+        if len(ids) == 0:
+            raise ValueError("cannot index an empty Pin pool")
+        n, dim = vectors.shape
+        t0 = time.perf_counter()
+        if n <= config.exact_max_rows:
+            kind, index = "flat", faiss.IndexFlatIP(dim)
+        elif config.kind == "hnsw":
+            kind, index = "hnsw", faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = config.hnsw_ef_construction
+            index.hnsw.efSearch = config.hnsw_ef_search
+        else:
+            kind, index = "ivf", _train_ivf(vectors, config)
+        index.add(vectors)
+        log.info("built %s index over %d pins (dim %d) in %.1f s", kind, n, dim, time.perf_counter() - t0)
+        return cls(index, ids.astype(np.int64), kind, config.use_gpu)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k Pins for each query (user embedding).
+
+        Args:
+            queries: [Q, E] user embeddings (normalised here).
+            k: results per query; where k > P the tail is id -1, score -inf.
+
+        Returns:
+            ids [Q, k] int64 Pin ids, best first; scores [Q, k] float32 cosine similarities.
+        """
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        q = _unit_rows(queries, "queries", self.dim)
+        scores, pos = self._search_index.search(q, int(k))
+        missing = pos < 0
+        ids = self.ids[np.where(missing, 0, pos)]
+        ids[missing] = -1
+        scores[missing] = -np.inf
+        return ids, scores
+
+    @property
+    def search_params(self) -> dict:
+        """The search-time knobs saved with the index (and re-applied on load)."""
+        if self.kind == "ivf":
+            return {"nprobe": int(faiss.extract_index_ivf(self.index).nprobe)}
+        if self.kind == "hnsw":
+            return {"ef_search": int(self.index.hnsw.efSearch)}
+        return {}
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Recall vs. speed at search time: IVF lists probed per query, or the HNSW beam width."""
+        if nprobe is not None:
+            if self.kind != "ivf" or nprobe < 1:
+                raise ValueError(f"nprobe must be a positive integer and applies to IVF indexes (this one: {self.kind})")
+            faiss.extract_index_ivf(self.index).nprobe = nprobe
+            if self.on_gpu:  # the GPU copy does not share the CPU index's settings
+                faiss.GpuParameterSpace().set_index_parameter(self._search_index, "nprobe", nprobe)
+        if ef_search is not None:
+            if self.kind != "hnsw" or ef_search < 1:
+                raise ValueError(f"ef_search must be a positive integer and applies to HNSW indexes (this one: {self.kind})")
+            self.index.hnsw.efSearch = ef_search
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes ``index.faiss``, ``ids.npy`` and ``ann.json`` into a new directory ``path``
+        (built beside it and renamed into place, so a reader never sees half an index)."""
+        path = Path(path)
+        if path.exists():
+            raise ValueError(f"ANN index directory {path} already exists; indexes are immutable like their versions")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            np.save(tmp / "ids.npy", self.ids)
+            meta = {"kind": self.kind, "dim": self.dim, "pins": len(self), **self.search_params}
+            (tmp / "ann.json").write_text(json.dumps(meta, indent=1))
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, use_gpu: bool | None = None) -> "AnnIndex":
+        """Reads an index written by `save`."""
+        path = Path(path)
+        if not (path / "ann.json").exists():
+            raise ValueError(f"{path} is not an ANN index directory (no ann.json)")
+        meta = json.loads((path / "ann.json").read_text())
+        loaded = cls(faiss.read_index(str(path / "index.faiss")), np.load(path / "ids.npy"), meta["kind"], use_gpu)
+        loaded.set_search_params(nprobe=meta.get("nprobe"), ef_search=meta.get("ef_search"))
+        return loaded
+
+
+def _train_ivf(vectors: np.ndarray, config: AnnConfig) -> faiss.Index:
+    """An untrained-then-trained IndexIVFFlat for ``vectors`` [P, E] (unit rows)."""
+    n, dim = vectors.shape
+    nlist = max(1, min(int(round(config.nlist_factor * math.sqrt(n))), n // 39))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = config.seed
+    sample = min(n, config.train_points_per_list * nlist)
+    index.cp.max_points_per_centroid = max(1, sample // nlist)  # FAISS would subsample again otherwise
+    rng = np.random.default_rng(config.seed)
+    train = vectors if sample == n else vectors[np.sort(rng.choice(n, sample, replace=False))]
+    index.train(train)
+    index.nprobe = min(nlist, config.nprobe or max(32, nlist // 32))
+    return index
