@@ -103,3 +103,36 @@ def test_infer_component_runs_the_script_under_torchrun():
     assert role.image == "derm-trainer:latest" and role.num_replicas == 2
     assert command.startswith("-c torchrun") and "--nproc_per_node 4" in command
     assert "embeddings/infer.py --snapshot run/snapshots/day=2026-01-03 --data data --days 2026-01-01,2026-01-02 --out emb" in command
+
+
+def test_aggregate_and_publish_components():
+    from torchx_components.lifecycle import aggregate, publish
+
+    app = aggregate(emb="emb", pool="pool", source="ctr", entity="user", day="2026-01-03", method="ma", alpha=0.8)
+    role = app.roles[0]
+    assert role.entrypoint == "python" and role.args[:2] == ["-m", "embeddings.aggregate"]
+    assert role.args[role.args.index("--alpha") + 1] == "0.8" and role.args[role.args.index("--method") + 1] == "ma"
+    app = publish(pool_day="pool/ctr/pin/day=2026-01-03", version="ctr-pin-2026-01-03", redis="redis://r:6379/0", ann_dir="ann")
+    args = app.roles[0].args
+    assert args[:2] == ["-m", "embeddings.publish"] and "--redis" in args and "--ann-dir" in args
+    with pytest.raises(ValueError, match="exactly one of --store DIR and --redis URL"):
+        publish(pool_day="p", version="v")
+
+
+def test_lifecycle_dry_runs_for_kubernetes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    torchx = str(Path(sys.executable).parent / "torchx")
+    for component, args in (
+        ("torchx_components/lifecycle.py:infer", ["--snapshot", "s", "--data", "d", "--days", "2026-01-01", "--out", "o"]),
+        ("torchx_components/lifecycle.py:aggregate", ["--emb", "e", "--pool", "p", "--source", "ctr", "--entity", "user", "--day", "2026-01-01"]),
+        ("torchx_components/lifecycle.py:publish", ["--pool_day", "p/day=2026-01-01", "--version", "v1", "--store", "s"]),
+    ):
+        done = subprocess.run([torchx, "run", "--dryrun", "-s", "kubernetes", component, *args], cwd=repo,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "derm-trainer:latest" in done.stdout + done.stderr

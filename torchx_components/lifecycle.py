@@ -69,3 +69,116 @@ def infer(
         env=dict(env) if env else None, max_retries=max_retries, mounts=mounts,
     )
     return _one_gpu_per_rank(app, j)
+
+
+def _python_module_job(name: str, image: str, module: str, args: List[str], cpu: int, memMB: int,
+                       h: Optional[str], env: Optional[Dict[str, str]], max_retries: int,
+                       mounts: Optional[List[str]]) -> specs.AppDef:
+    """One process running ``python -m module args`` (aggregation and publishing need no ranks)."""
+    resource = specs.named_resources[h] if h else specs.Resource(cpu=cpu, gpu=0, memMB=memMB)
+    role = specs.Role(
+        name=name.split("/")[-1], image=image, entrypoint="python", args=["-m", module, *args],
+        resource=resource, env=dict(env or {}), max_retries=max_retries,
+        mounts=specs.parse_mounts(mounts) if mounts else [],
+    )
+    return specs.AppDef(name=name.split("/")[-1], roles=[role])
+
+
+def aggregate(
+    emb: str,
+    pool: str,
+    source: str,
+    entity: str,
+    day: str,
+    method: str = "ma",
+    alpha: float = 0.9,
+    ttl_days: int = 90,
+    num_buckets: int = 0,
+    workers: int = 2,
+    image: str = DERM_IMAGE,
+    name: str = "derm/derm-aggregate",
+    h: Optional[str] = None,
+    cpu: int = 4,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """
+    Aggregates one day's embeddings of one (source, entity) into its pool: ``python -m embeddings.aggregate``.
+
+    Re-running a day replaces that day's pool snapshot (never applies it twice).
+
+    Args:
+        emb: daily embeddings root (the infer job's --out)
+        pool: pool root
+        source: source model, ctr or cvr
+        entity: user or pin
+        day: the day to apply, YYYY-MM-DD
+        method: acc, ma or ap (paper §4.1.1)
+        alpha: ma only: weight on the previous pooled embedding, in [0, 1)
+        ttl_days: drop entities unseen for longer than this
+        num_buckets: hash buckets (0: the previous snapshot's, else 64)
+        workers: buckets merged at once (one bucket of memory each)
+        image: container image with the project at its WORKDIR (ignored by local_cwd)
+        name: job name
+        h: a registered named resource; takes precedence over cpu, memMB
+        cpu: CPUs
+        memMB: memory in MB
+        env: extra environment variables of the job
+        max_retries: how many times the scheduler may restart the job after a failure
+        mounts: mounts into the container, e.g. type=bind,src=/data,dst=/data[,readonly]
+    """
+    args = ["--emb", emb, "--pool", pool, "--source", source, "--entity", entity, "--day", day,
+            "--method", method, "--ttl-days", str(ttl_days), "--workers", str(workers)]
+    args += ["--alpha", str(alpha)] if method == "ma" else []
+    args += ["--num-buckets", str(num_buckets)] if num_buckets else []
+    return _python_module_job(name, image, "embeddings.aggregate", args, cpu, memMB, h, env, max_retries, mounts)
+
+
+def publish(
+    pool_day: str,
+    version: str,
+    store: str = "",
+    redis: str = "",
+    namespace: str = "derm",
+    ann_dir: str = "",
+    activate: bool = True,
+    image: str = DERM_IMAGE,
+    name: str = "derm/derm-publish",
+    h: Optional[str] = None,
+    cpu: int = 4,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """
+    Publishes a pool day as an immutable feature-store version (and a FAISS index for Pins): ``python -m embeddings.publish``.
+
+    The new version becomes active only once it is complete; a failure leaves the active one as it was.
+
+    Args:
+        pool_day: the pool snapshot to publish, POOL/<source>/<entity>/day=YYYY-MM-DD
+        version: name of the new version, e.g. ctr-user-2026-01-03
+        store: embedded feature store directory (give this or redis)
+        redis: Redis URL of the serving store, e.g. redis://redis:6379/0 (give this or store)
+        namespace: Redis key prefix, one per source and entity
+        ann_dir: also build a FAISS index into ANN_DIR/VERSION (Pin pools)
+        activate: activate the version once written (false: commit only)
+        image: container image with the project at its WORKDIR (ignored by local_cwd)
+        name: job name
+        h: a registered named resource; takes precedence over cpu, memMB
+        cpu: CPUs
+        memMB: memory in MB
+        env: extra environment variables of the job
+        max_retries: how many times the scheduler may restart the job after a failure
+        mounts: mounts into the container, e.g. type=bind,src=/data,dst=/data[,readonly]
+    """
+    if bool(store) == bool(redis):
+        raise ValueError("give exactly one of --store DIR and --redis URL")
+    args = ["--pool", pool_day, "--version", version]
+    args += ["--store", store] if store else ["--redis", redis, "--namespace", namespace]
+    args += ["--ann-dir", ann_dir] if ann_dir else []
+    args += [] if activate else ["--no-activate"]
+    return _python_module_job(name, image, "embeddings.publish", args, cpu, memMB, h, env, max_retries, mounts)

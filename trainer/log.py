@@ -16,6 +16,7 @@ _QUIET_ROOT_PREFIXES = ("Sharding spec not found for",)  # DMP, for every data-p
 _QUIET_WARNINGS = (
     (FutureWarning, r"HeuristicalStorageReservation is known to cause issues"),
     (FutureWarning, r"`broadcast_buffers` is deprecated"),  # raised inside TorchRec's own DDP wrapping
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),  # DCP on TorchRec's tables
     # FBGEMM's CPU dense (data-parallel) lookup backpropagates through a Python autograd function;
     # tests/test_derm_sharded.py checks that data-parallel tables train and stay identical across ranks.
     (UserWarning, r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered"),
