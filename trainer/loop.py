@@ -78,20 +78,22 @@ class Trainer:
         batches = itertools.islice(iter(loader), max(steps - start_step, 0))
 
         self.model.train()
-        sums: dict[str, float] = defaultdict(float)
+        # Sums stay tensors until a progress line: reading them every step would make the host
+        # wait for the device each step and undo the pipeline's overlap on GPUs.
+        sums: dict[str, Any] = defaultdict(float)
         n_window, t_window, t0 = 0, time.perf_counter(), time.perf_counter()
         done, loss_sum = start_step, 0.0
         for parts in self._steps(batches):
             done += 1
             self.global_step += 1
             n_window += 1
-            loss_sum += float(parts["loss"])
+            loss_sum = loss_sum + parts["loss"]
             for k, v in parts.items():
-                sums[k] += float(v)
+                sums[k] = sums[k] + v
             if done % cfg.train.log_every == 0 or done == steps:
                 secs = time.perf_counter() - t_window
                 rate = n_window * cfg.data.batch_size * self.ctx.world_size / max(secs, 1e-9)
-                means = {k: v / n_window for k, v in sums.items()}
+                means = {k: float(v) / n_window for k, v in sums.items()}
                 self._progress(day, done, steps, rate, means)
                 sums.clear()
                 n_window, t_window = 0, time.perf_counter()
@@ -100,7 +102,7 @@ class Trainer:
         self.days_trained.append(day)
         return {"day": day, "steps": done - start_step, "examples": examples, "seconds": round(seconds, 2),
                 "examples_per_s": round(examples / max(seconds, 1e-9), 1),
-                "mean_loss": loss_sum / max(done - start_step, 1)}
+                "mean_loss": float(loss_sum) / max(done - start_step, 1)}
 
     def _steps(self, batches: Iterator[Batch]) -> Iterator[dict[str, torch.Tensor]]:
         """Runs one optimizer step per batch; yields the step's loss parts."""
