@@ -61,7 +61,6 @@ import dataclasses
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -245,11 +244,6 @@ def _child(job: dict) -> None:
 
 
 # ---- the parent: both paths' rank processes, stepped in turns, quiet steps kept -------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _cpu_ticks(pids: list[int]) -> tuple[int, int]:
     """(busy clock ticks of the whole machine, ticks of ``pids`` and this process), from /proc."""
@@ -267,7 +261,9 @@ class _Group:
     """The rank processes of one path of one configuration."""
 
     def __init__(self, job: dict, tmp: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        from trainer.distributed import free_port
+
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.pop(var, None)
         if job["world"] > 1:  # as torchrun: one thread per rank

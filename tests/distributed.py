@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch.distributed as dist
+
+from trainer.distributed import free_port
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, queue: Any, args: tuple) -> None:
@@ -40,7 +36,7 @@ def run_ranks(fn: Callable, world_size: int = 2, *args: Any, timeout: float = 30
     ``fn`` must be importable (defined at module level)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args)) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -32,7 +32,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device = cuda but CUDA is not available here; use cpu or auto")
     if "RANK" not in os.environ:  # a plain `python trainer/main.py`: one rank
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
@@ -50,7 +50,8 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now (for a local rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
