@@ -16,8 +16,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Every benchmark prints a table; figures and machines are kept in docs/benchmarks.md and
+# docs/lifecycle.md. About 20 minutes on 2 cores.
 bench: $(STAMP)
 	$(PY) bench/bench_data.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_infer.py
+	$(PY) bench/bench_aggregate.py
+	$(PY) bench/bench_serving.py
 
 clean:
 	rm -rf runs .pytest_cache
