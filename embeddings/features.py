@@ -1,0 +1,108 @@
+"""DERM embeddings as downstream features: the join of published versions into batches (paper
+§3.2: "DERM embeddings are combined with existing embeddings"; Appendix C.3).
+
+A row of day d gets each configured embedding from the version published for day d − ``lag_days``
+(default 1: yesterday's pool, the freshest a production model could have served at the time of the
+impression, so a row never sees an embedding computed from its own day). Entities absent from that
+version, or days whose version does not exist, get zeros and a missing indicator of 1, as the
+downstream models expect (``modules.downstream_config.missing_key``)::
+
+    join = DERMFeatureJoin([DERMSource("ctr_user", user_store, "user", "ctr-user-{day}"),
+                            DERMSource("ctr_pin", pin_store, "pin", "ctr-pin-{day}")])
+    derm = join(batch)     # {"ctr_user": [B, E], "ctr_user_missing": [B, 1], "ctr_pin": ..., ...}
+    loss, out = downstream_task(batch, derm)
+
+Back-inferred versions (Appendix B.3) are a configuration of the same join: their own naming
+pattern, and ``lag_days=0`` if that is what an experiment asks for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embeddings.store import FeatureStore
+from modules.downstream_config import missing_key
+from trainer.data.batch import Batch
+
+log = logging.getLogger("derm.embeddings.features")
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass(frozen=True)
+class DERMSource:
+    """One DERM embedding feature and where it is served from."""
+
+    name: str
+    """Feature name the downstream model reads, e.g. ``ctr_user``."""
+    store: FeatureStore
+    entity: str
+    """``user`` or ``pin``: which key of the row looks it up."""
+    version_pattern: str
+    """Version name for a day, ``{day}`` replaced by YYYY-MM-DD, e.g. ``ctr-user-{day}``."""
+
+    def __post_init__(self) -> None:
+        if self.entity not in ("user", "pin"):
+            raise ValueError(f"DERM source {self.name!r}: entity must be user or pin, got {self.entity!r}")
+        if "{day}" not in self.version_pattern:
+            raise ValueError(f"DERM source {self.name!r}: version_pattern needs a {{day}} placeholder, got {self.version_pattern!r}")
+
+
+class DERMFeatureJoin:
+    """Looks up every configured DERM embedding for the rows of a batch (see module docstring).
+
+    Args:
+        sources: the embeddings to join, one per downstream feature.
+        lag_days: a row of day d reads the version of day d − lag_days (1: no leakage).
+    """
+
+    def __init__(self, sources: list[DERMSource], lag_days: int = 1) -> None:
+        if lag_days < 0:
+            raise ValueError(f"lag_days must be >= 0, got {lag_days}")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"DERM source names must be unique, got {names}")
+        self.sources, self.lag_days = sources, lag_days
+        self._warned: set[str] = set()
+
+    def version(self, source: DERMSource, day: dt.date) -> str | None:
+        """The version a row of ``day`` reads, or None if it was never published."""
+        name = source.version_pattern.format(day=(day - dt.timedelta(days=self.lag_days)).isoformat())
+        if name in source.store.versions():
+            return name
+        if name not in self._warned:  # e.g. the first day of a window: nothing published before it
+            log.warning("DERM feature %s: no version %s; rows of %s get it as missing", source.name, name, day)
+            self._warned.add(name)
+        return None
+
+    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+        days = (batch.event_time // SECONDS_PER_DAY).numpy()  # epoch days, per row
+        out: dict[str, torch.Tensor] = {}
+        for source in self.sources:
+            ids = (batch.user_id if source.entity == "user" else batch.pin_id).numpy()
+            emb, found = None, np.zeros(ids.size, bool)
+            for epoch_day in np.unique(days):  # a batch spans one day, or a few at day boundaries
+                rows = np.flatnonzero(days == epoch_day)
+                version = self.version(source, dt.date(1970, 1, 1) + dt.timedelta(days=int(epoch_day)))
+                if version is None:
+                    continue
+                values, hit = source.store.get(ids[rows], version=version)
+                if emb is None:
+                    emb = np.zeros((ids.size, values.shape[1]), np.float32)
+                emb[rows], found[rows] = values * hit[:, None], hit
+            if emb is None:  # nothing published for any row: width from the newest version
+                emb = np.zeros((ids.size, self._width(source)), np.float32)
+            out[source.name] = torch.from_numpy(emb)
+            out[missing_key(source.name)] = torch.from_numpy((~found).astype(np.float32)[:, None])
+        return out
+
+    @staticmethod
+    def _width(source: DERMSource) -> int:
+        versions = source.store.versions()
+        if not versions:
+            raise ValueError(f"DERM feature {source.name}: its store has no versions at all; publish one first")
+        return int(source.store.version_info(versions[-1]).dim)
