@@ -161,6 +161,12 @@ def test_shared_table_shapes_must_agree():
         spec_from_dict(raw)
 
 
+def test_shared_bag_tables_must_pool_alike():
+    raw = _edit('table = "pin_id"', 'table = "pin_id"\npooling = "mean"')
+    with pytest.raises(SpecError, match="shared with 'pin_id' but their pooling differs"):
+        spec_from_dict(raw)
+
+
 def test_missing_sources_and_missing_keys():
     with pytest.raises(SpecError, match="missing required key 'sources'"):
         spec_from_dict({"name": "x"})

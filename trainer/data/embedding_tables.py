@@ -18,40 +18,26 @@ from trainer.data.spec import FeatureSpec, SequenceFeature, SparseFeature
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
-def _grouped(features: Iterable[SparseFeature | SequenceFeature]) -> dict[str, list]:
-    tables: dict[str, list] = {}
+def _tables(features: Iterable[SparseFeature | SequenceFeature], towers: Iterable[str] | None) -> dict[str, dict]:
+    """Table name -> the config fields its features share (features of the chosen towers only)."""
+    keep = set(towers) if towers is not None else None
+    grouped: dict[str, list] = {}
     for f in features:
-        tables.setdefault(f.table, []).append(f)
-    return tables
+        if keep is None or f.tower in keep:
+            grouped.setdefault(f.table, []).append(f)
+    return {
+        table: dict(name=f"t_{table}", num_embeddings=fs[0].num_embeddings, embedding_dim=fs[0].embedding_dim,
+                    feature_names=[f.name for f in fs])
+        for table, fs in grouped.items()
+    }
 
 
 def embedding_bag_configs(spec: FeatureSpec, towers: Iterable[str] | None = None) -> list[EmbeddingBagConfig]:
     """One ``EmbeddingBagConfig`` per pooled table of the given towers (default: all)."""
-    keep = set(towers) if towers is not None else None
-    chosen = [f for f in spec.sparse if keep is None or f.tower in keep]
-    return [
-        EmbeddingBagConfig(
-            name=f"t_{table}",
-            num_embeddings=fs[0].num_embeddings,
-            embedding_dim=fs[0].embedding_dim,
-            feature_names=[f.name for f in fs],
-            pooling=_POOLING[fs[0].pooling],
-        )
-        for table, fs in _grouped(chosen).items()
-    ]
+    pooling = {f.table: _POOLING[f.pooling] for f in spec.sparse}
+    return [EmbeddingBagConfig(**fields, pooling=pooling[table]) for table, fields in _tables(spec.sparse, towers).items()]
 
 
 def embedding_configs(spec: FeatureSpec, towers: Iterable[str] | None = None) -> list[EmbeddingConfig]:
     """One ``EmbeddingConfig`` per sequence table of the given towers (default: all)."""
-    keep = set(towers) if towers is not None else None
-    chosen = [f for f in spec.sequence if keep is None or f.tower in keep]
-    return [
-        EmbeddingConfig(
-            name=f"t_{table}",
-            num_embeddings=fs[0].num_embeddings,
-            embedding_dim=fs[0].embedding_dim,
-            feature_names=[f.name for f in fs],
-        )
-        for table, fs in _grouped(chosen).items()
-    ]
-
+    return [EmbeddingConfig(**fields) for fields in _tables(spec.sequence, towers).values()]

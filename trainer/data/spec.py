@@ -494,6 +494,10 @@ def _validate(spec: FeatureSpec) -> None:
                     (other.num_embeddings, other.embedding_dim) == (f.num_embeddings, f.embedding_dim),
                     f"{where}.table {f.table!r} is shared with {other.name!r} but their num_embeddings/embedding_dim differ",
                 )
+                need(
+                    kind != "sparse" or other.pooling == f.pooling,
+                    f"{where}.table {f.table!r} is shared with {other.name!r} but their pooling differs (one table pools one way)",
+                )
             else:
                 table_owner[f.table] = (kind, f)
 
