@@ -13,9 +13,9 @@ snapshot is read by as many ranks as the job has, each loading only its shards::
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
-from torchx.components import dist as builtin_dist
 
-from torchx_components.train import DERM_IMAGE, _one_gpu_per_rank, _split_days
+from torchx_components.jobs import split_days, torchrun_job
+from torchx_components.train import DERM_IMAGE
 
 INFER_SCRIPT = "embeddings/infer.py"
 
@@ -62,13 +62,10 @@ def infer(
         max_retries: how many times the scheduler may restart the job after a failure
         mounts: mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly]
     """
-    args = ["--snapshot", snapshot, "--data", data, "--days", ",".join(_split_days(days)), "--out", out,
+    args = ["--snapshot", snapshot, "--data", data, "--days", ",".join(split_days(days)), "--out", out,
             "--batch-size", str(batch_size), *(["--overwrite"] if overwrite else [])]
-    app = builtin_dist.ddp(
-        *args, script=INFER_SCRIPT, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
-        env=dict(env) if env else None, max_retries=max_retries, mounts=mounts,
-    )
-    return _one_gpu_per_rank(app, j)
+    return torchrun_job(INFER_SCRIPT, args, j, env, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+                        max_retries=max_retries, mounts=mounts)
 
 
 def _python_module_job(name: str, image: str, module: str, args: List[str], cpu: int, memMB: int,

@@ -19,7 +19,8 @@ Trainer overrides (``--section.field=value``) go after ``--``. See docs/torchx.m
 from typing import Dict, List, Optional, Tuple
 
 import torchx.specs as specs
-from torchx.components import dist as builtin_dist
+
+from torchx_components.jobs import split_days, torchrun_job
 
 DERM_IMAGE = "derm-trainer:latest"
 """Image of the cluster jobs (built from docker/; its WORKDIR is the repository root, so the
@@ -49,26 +50,6 @@ def _trainer_overrides(overrides: Tuple[str, ...]) -> List[str]:
 def _trainer_args(mode_args: List[str], config: str, overrides: Tuple[str, ...]) -> List[str]:
     """``trainer/main.py``'s arguments: the mode, ``--config`` when given, then the overrides."""
     return [*mode_args, *(["--config", config] if config else []), *_trainer_overrides(overrides)]
-
-
-def _one_gpu_per_rank(app: specs.AppDef, j: str) -> specs.AppDef:
-    """Refuses more processes per node than the node has GPUs: TorchRec gives each rank its own
-    GPU, and the job would otherwise fail only after the scheduler has placed it."""
-    node_gpus = app.roles[0].resource.gpu
-    nproc_per_node = builtin_dist.parse_nnodes(j)[2]
-    if node_gpus > 0 and nproc_per_node > node_gpus:
-        raise ValueError(
-            f"-j {j} starts {nproc_per_node} processes per node but a node has {node_gpus} GPU(s); "
-            "each rank needs its own GPU: lower the processes per node or raise --gpu / -h"
-        )
-    return app
-
-
-def _split_days(days: str) -> List[str]:
-    parts = [d.strip() for d in days.split(",")]
-    if any(not d for d in parts):
-        raise ValueError(f"--days {days!r}: expected a comma-separated list of days, e.g. 2026-01-01,2026-01-02")
-    return parts
 
 
 def initial(
@@ -117,25 +98,12 @@ def initial(
     """
     mode_args = ["--mode", "initial"]
     if days:
-        mode_args += ["--days", ",".join(_split_days(days))]
-    app = builtin_dist.ddp(
-        *_trainer_args(mode_args, config, overrides),
-        script=TRAINER_SCRIPT,
-        image=image,
-        name=name,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        j=j,
-        env=dict(env) if env else None,  # ddp adds its own variables to the dict it gets
-        max_retries=max_retries,
-        rdzv_port=rdzv_port,
-        rdzv_backend=rdzv_backend,
-        mounts=mounts,
-        debug=debug,
+        mode_args += ["--days", ",".join(split_days(days))]
+    return torchrun_job(
+        TRAINER_SCRIPT, _trainer_args(mode_args, config, overrides),
+        image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, max_retries=max_retries,
+        rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug,
     )
-    return _one_gpu_per_rank(app, j)
 
 
 def incremental(
@@ -185,21 +153,8 @@ def incremental(
     day = day.strip()
     if not day or "," in day:
         raise ValueError(f"--day {day!r}: expected exactly one day (e.g. 2026-01-03); train a window with `initial --days`")
-    app = builtin_dist.ddp(
-        *_trainer_args(["--mode", "incremental", "--day", day], config, overrides),
-        script=TRAINER_SCRIPT,
-        image=image,
-        name=name,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        j=j,
-        env=dict(env) if env else None,  # ddp adds its own variables to the dict it gets
-        max_retries=max_retries,
-        rdzv_port=rdzv_port,
-        rdzv_backend=rdzv_backend,
-        mounts=mounts,
-        debug=debug,
+    return torchrun_job(
+        TRAINER_SCRIPT, _trainer_args(["--mode", "incremental", "--day", day], config, overrides),
+        image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, max_retries=max_retries,
+        rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug,
     )
-    return _one_gpu_per_rank(app, j)

@@ -1,0 +1,33 @@
+"""Helpers the component modules share. Not a component group itself: TorchX lists every function
+returning an AppDef in a registered group, so these live outside ``train``/``dist``."""
+from typing import Any, Dict, List, Optional
+
+import torchx.specs as specs
+from torchx.components import dist as builtin_dist
+
+
+def _one_gpu_per_rank(app: specs.AppDef, j: str) -> specs.AppDef:
+    """Refuses more processes per node than the node has GPUs: TorchRec gives each rank its own
+    GPU, and the job would otherwise fail only after the scheduler has placed it."""
+    node_gpus = app.roles[0].resource.gpu
+    nproc_per_node = builtin_dist.parse_nnodes(j)[2]
+    if node_gpus > 0 and nproc_per_node > node_gpus:
+        raise ValueError(
+            f"-j {j} starts {nproc_per_node} processes per node but a node has {node_gpus} GPU(s); "
+            "each rank needs its own GPU: lower the processes per node or raise --gpu / -h"
+        )
+    return app
+
+
+def torchrun_job(script: str, args: List[str], j: str, env: Optional[Dict[str, str]] = None, **ddp: Any) -> specs.AppDef:
+    """``script args`` as a ``dist.ddp`` (torchrun) job, refusing more ranks per node than GPUs."""
+    # ddp adds its own variables to the env dict it gets: give it a copy.
+    app = builtin_dist.ddp(*args, script=script, j=j, env=dict(env) if env else None, **ddp)
+    return _one_gpu_per_rank(app, j)
+
+
+def split_days(days: str) -> List[str]:
+    parts = [d.strip() for d in days.split(",")]
+    if any(not d for d in parts):
+        raise ValueError(f"--days {days!r}: expected a comma-separated list of days, e.g. 2026-01-01,2026-01-02")
+    return parts
