@@ -135,10 +135,18 @@ class _Downstream(nn.Module):
         sequences = self.ec(batch.sequence) if self.ec is not None else {}
         return pooled, sequences
 
-    def _check_derm(self, derm: Optional[dict[str, torch.Tensor]]) -> None:
+    def _derm(self, batch: Batch, derm: Optional[dict[str, torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+        """The DERM embeddings to read: ``derm`` when given, else ``batch.derm`` (how TorchRec's
+        pipelines, which call ``model(batch)``, deliver them)."""
         # `is None` is an identity test, so it also holds (False) for an FX proxy while tracing.
-        if self.derm_names and derm is None:
-            raise ValueError(f"this model reads DERM embeddings {self.derm_names}; pass them as derm=")
+        if derm is None:
+            derm = batch.derm
+        if self.derm_names and isinstance(derm, dict):
+            missing = [k for k in self.derm_names if k not in derm]
+            if missing:
+                raise ValueError(f"this model reads DERM embeddings {self.derm_names}; the batch has none of {missing} "
+                                 "(join them with embeddings.features.DERMFeatureJoin, or pass derm=)")
+        return derm
 
 
 class DownstreamCTR(_Downstream):
@@ -175,7 +183,7 @@ class DownstreamCTR(_Downstream):
 
     def forward(self, batch: Batch, derm: Optional[dict[str, torch.Tensor]] = None) -> DownstreamOutput:
         """``batch`` and ``derm`` (see the module docstring) → logits [B, T] and gates [B, T, X]."""
-        self._check_derm(derm)
+        derm = self._derm(batch, derm)
         pooled, sequences = self._lookup(batch)
         parts = [pooled[name] for name in self.sparse_names]
         parts += [batch.dense[name] for name in self.dense_names]
@@ -210,7 +218,7 @@ class DownstreamCVR(_Downstream):
 
     def forward(self, batch: Batch, derm: Optional[dict[str, torch.Tensor]] = None) -> DownstreamOutput:
         """``batch`` and ``derm`` (see the module docstring) → logits [B, T] (gates None)."""
-        self._check_derm(derm)
+        derm = self._derm(batch, derm)
         pooled, sequences = self._lookup(batch)
         tokens = [ft(pooled, sequences, batch.sequence_side, batch.dense) for ft in self.inputs.values()]
         if self.derm is not None:
@@ -220,8 +228,9 @@ class DownstreamCVR(_Downstream):
 
 
 class DownstreamTrainTask(nn.Module):
-    """The model plus ``MultiTaskBCE``; ``forward(batch, derm) -> (loss, (parts, output))`` like
-    :class:`~modules.derm.DERMTrainTask`, with ``parts`` = detached ``loss`` and ``bce/<t>``."""
+    """The model plus ``MultiTaskBCE``; ``forward(batch, derm=None) -> (loss, (parts, output))`` like
+    :class:`~modules.derm.DERMTrainTask`, with ``parts`` = detached ``loss`` and ``bce/<t>``.
+    Without ``derm`` the model reads ``batch.derm``."""
 
     def __init__(self, model: _Downstream, loss: MultiTaskBCE) -> None:
         super().__init__()

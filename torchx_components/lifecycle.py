@@ -1,4 +1,5 @@
-"""Embedding-lifecycle jobs: daily inference and back-inference of ``embeddings/infer.py``.
+"""Embedding-lifecycle jobs: daily inference and back-inference of ``embeddings/infer.py``,
+aggregation, publishing, and ``daily`` (all three for one upstream model and day).
 
 Built on ``torchx.components.dist.ddp`` (torchrun), like the training components, so the sharded
 snapshot is read by as many ranks as the job has, each loading only its shards::
@@ -18,6 +19,7 @@ from torchx_components.jobs import split_days, torchrun_job
 from torchx_components.train import DERM_IMAGE
 
 INFER_SCRIPT = "embeddings/infer.py"
+DAILY_SCRIPT = "embeddings/daily.py"
 
 
 def infer(
@@ -179,3 +181,55 @@ def publish(
     args += ["--ann-dir", ann_dir] if ann_dir else []
     args += [] if activate else ["--no-activate"]
     return _python_module_job(name, image, "embeddings.publish", args, cpu, memMB, h, env, max_retries, mounts)
+
+
+def daily(
+    snapshot: str,
+    data: str,
+    day: str,
+    work: str,
+    method: str = "ma",
+    alpha: float = 0.9,
+    ann: bool = True,
+    batch_size: int = 4096,
+    image: str = DERM_IMAGE,
+    name: str = "derm/derm-lifecycle",
+    j: str = "1x1",
+    h: Optional[str] = None,
+    cpu: int = 4,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """
+    One day of the lifecycle for one upstream model: inference, aggregation and publishing of its
+    users and Pins (``embeddings/daily.py``); parts already done are skipped.
+
+    Args:
+        snapshot: the upstream snapshot of the day, RUN_DIR/snapshots/day=YYYY-MM-DD
+        data: dataset root (spec.toml and the source's day partitions)
+        day: the day, YYYY-MM-DD
+        work: pipeline work folder: emb/, pool/, store/ and ann/ under it
+        method: aggregation heuristic, acc, ma or ap (paper §4.1.1)
+        alpha: ma only: weight on the previous pooled embedding, in [0, 1)
+        ann: also build a FAISS index of the Pin version
+        batch_size: rows per inference forward per rank
+        image: container image with the project at its WORKDIR (ignored by local_cwd)
+        name: job name
+        j: [{min_nnodes}:]{nnodes}x{nproc_per_node}: inference ranks; rank 0 aggregates and publishes
+        h: a registered named resource per node; takes precedence over cpu, gpu, memMB
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        env: extra environment variables of the job
+        max_retries: how many times the scheduler may restart the job after a failure
+        mounts: mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly]
+    """
+    if method not in ("acc", "ma", "ap"):
+        raise ValueError(f"--method {method!r}: expected acc, ma or ap")
+    args = ["--snapshot", snapshot, "--data", data, "--day", day, "--work", work, "--method", method,
+            "--alpha", str(alpha), "--batch-size", str(batch_size), *(["--ann"] if ann else [])]
+    return torchrun_job(DAILY_SCRIPT, args, j, env, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+                        max_retries=max_retries, mounts=mounts)

@@ -87,6 +87,11 @@ class TrainConfig:
     """auto (cuda when available), cpu or cuda."""
     pipeline: bool = True
     """Use TorchRec's TrainPipelineSparseDist (input distribution overlapped with compute)."""
+    mixed_precision: str = "none"
+    """none, or bf16: the dense forward (towers, DHEN, cross nets) under ``torch.autocast`` in
+    bfloat16. Embedding tables, optimizer state and the losses stay float32 (the BCE and the
+    contrastive softmax are autocast to float32), so no loss scaling is needed. fp16 is not offered:
+    it would need a gradient scaler around the fused embedding optimizers."""
 
 
 @dataclass(frozen=True)
@@ -97,29 +102,36 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self) -> None:
-        t, d = self.train, self.data
-        if t.mode not in ("initial", "incremental"):
-            raise ValueError(f"train.mode must be initial or incremental, got {t.mode!r}")
-        if t.mode == "incremental" and not t.day:
-            raise ValueError("train.mode = incremental needs train.day (--day YYYY-MM-DD)")
-        if t.mode == "initial" and t.day:
-            raise ValueError("train.day is for incremental mode; initial mode takes train.days")
-        if t.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(d, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(d, name)}")
-        if d.synthetic_preset and d.synthetic_preset not in PRESETS:
-            raise ValueError(f"data.synthetic_preset must be one of {sorted(PRESETS)} or empty, got {d.synthetic_preset!r}")
-        if t.log_every < 1 or t.max_steps_per_day < 0 or d.num_workers < 0:
-            raise ValueError("train.log_every must be >= 1, train.max_steps_per_day and data.num_workers >= 0")
+        check_data_train(self.data, self.train)
+
+
+def check_data_train(d: DataConfig, t: TrainConfig) -> None:
+    """Checks the [data] and [train] sections every run config shares (upstream and downstream)."""
+    if t.mode not in ("initial", "incremental"):
+        raise ValueError(f"train.mode must be initial or incremental, got {t.mode!r}")
+    if t.mode == "incremental" and not t.day:
+        raise ValueError("train.mode = incremental needs train.day (--day YYYY-MM-DD)")
+    if t.mode == "initial" and t.day:
+        raise ValueError("train.day is for incremental mode; initial mode takes train.days")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    if t.mixed_precision not in ("none", "bf16"):
+        raise ValueError(f"train.mixed_precision must be none or bf16, got {t.mixed_precision!r}")
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(d, name) < 1:
+            raise ValueError(f"data.{name} must be >= 1, got {getattr(d, name)}")
+    if d.synthetic_preset and d.synthetic_preset not in PRESETS:
+        raise ValueError(f"data.synthetic_preset must be one of {sorted(PRESETS)} or empty, got {d.synthetic_preset!r}")
+    if t.log_every < 1 or t.max_steps_per_day < 0 or d.num_workers < 0:
+        raise ValueError("train.log_every must be >= 1, train.max_steps_per_day and data.num_workers >= 0")
 
 
 # ---- loading -----------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
-    """The config of ``path`` (or the defaults) with ``section.field=value`` overrides applied.
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
+    """The config of ``path`` (or the defaults) with ``section.field=value`` overrides applied, as
+    ``cls`` (:class:`RunConfig`, or :class:`trainer.downstream.DownstreamRunConfig`).
     Values are TOML (``3``, ``0.1``, ``true``, ``["a", "b"]``); bare words are strings."""
     raw: dict[str, Any] = {}
     if path:
@@ -141,7 +153,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
                 raise ValueError(f"override {item!r}: {p} is not a section")
         node[leaf] = _parse_value(value)
     where = str(path) if path else "config"
-    return from_dict(RunConfig, raw, where)
+    return from_dict(cls, raw, where)
 
 
 def _parse_value(text: str) -> Any:
@@ -208,7 +220,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     return clean(config)
 
 
-def dump_config(config: RunConfig, path: str | os.PathLike) -> None:
+def dump_config(config: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -54,15 +55,33 @@ class Trainer:
         self.snapshots = self.run_dir / "snapshots"
 
         torch.manual_seed(config.train.seed)  # dense init; DDP also broadcasts rank 0's weights
-        task = build_derm(
-            self.spec, self.source, config.model, device=ctx.device,
-            embedding_device=torch.device("meta"), gather=all_gather_ids(),
-        )
+        self.model_config = config.model  # what snapshots record and are checked against
+        task = self._build_task()
         self.model, self.optimizer = shard_model(task, ctx.device, config.optimizer)
         self.labels = task.model.labels
         self.global_step = 0
         self.days_trained: list[str] = []
         self.writer = SummaryWriter(str(self.run_dir / "tb")) if ctx.is_main else None
+
+    def _build_task(self) -> torch.nn.Module:
+        """The unsharded train task: tables on ``meta``, dense parts on the device."""
+        return build_derm(
+            self.spec, self.source, self.config.model, device=self.ctx.device,
+            embedding_device=torch.device("meta"), gather=all_gather_ids(),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What the run summary says of the model."""
+        return {"model": f"upstream {self.source}"}
+
+    def _prepare(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Batches as the model reads them (the downstream trainer joins DERM embeddings here)."""
+        return batches
+
+    def _autocast(self):
+        """``train.mixed_precision``: the forward under bfloat16 autocast (losses stay float32)."""
+        enabled = self.config.train.mixed_precision == "bf16"
+        return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ---- training ---------------------------------------------------------------------------
     def train_day(self, day: str, start_step: int = 0, max_steps: int = 0) -> dict[str, Any]:
@@ -75,7 +94,7 @@ class Trainer:
         cap = max_steps or cfg.train.max_steps_per_day
         steps = min(steps, start_step + cap) if cap else steps
         loader.position = start_step  # resumes after the batches already trained on
-        batches = itertools.islice(iter(loader), max(steps - start_step, 0))
+        batches = self._prepare(itertools.islice(iter(loader), max(steps - start_step, 0)))
 
         self.model.train()
         # Sums stay tensors until a progress line: reading them every step would make the host
@@ -112,7 +131,8 @@ class Trainer:
             try:
                 while True:
                     try:
-                        parts, _ = pipeline.progress(batches)
+                        with self._autocast():  # backward runs inside progress(), as autocast wants
+                            parts, _ = pipeline.progress(batches)
                     except StopIteration:
                         break
                     yield parts
@@ -120,7 +140,8 @@ class Trainer:
                 pipeline.detach()  # restores the model's own forward for evaluation and saving
             return
         for batch in batches:
-            loss, (parts, _) = self.model(batch.to(device))
+            with self._autocast():
+                loss, (parts, _) = self.model(batch.to(device))
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -128,8 +149,8 @@ class Trainer:
 
     def _progress(self, day: str, step: int, steps: int, rate: float, means: dict[str, float]) -> None:
         tasks = "  ".join(f"{label} {means.get(f'bce/{i}', float('nan')):.4f}" for i, label in enumerate(self.labels))
-        log.info("day %s step %d/%d | %.0f ex/s | loss %.4f | bce %s | contrastive %.3f | tau %.3f",
-                 day, step, steps, rate, means["loss"], tasks, means["contrastive"], means["temperature"])
+        extra = "".join(f" | {k} {means[k]:.3f}" for k in ("contrastive", "temperature") if k in means)
+        log.info("day %s step %d/%d | %.0f ex/s | loss %.4f | bce %s%s", day, step, steps, rate, means["loss"], tasks, extra)
         if self.writer is not None:
             for k, v in means.items():
                 name = f"train/bce_{self.labels[int(k[4:])]}" if k.startswith("bce/") else f"train/{k}"
@@ -138,22 +159,25 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, day: str) -> dict[str, dict[str, float]]:
-        """Metrics per task on ``day``, over every rank's rows (same on every rank)."""
-        loader = make_loader(self.root, self.source, self.config.data.eval_batch_size, days=[day],
+    def evaluate(self, day: str | list[str]) -> dict[str, dict[str, float]]:
+        """Metrics per task on ``day`` (or on several days together), over every rank's rows (same
+        on every rank)."""
+        days = [day] if isinstance(day, str) else list(day)
+        loader = make_loader(self.root, self.source, self.config.data.eval_batch_size, days=days,
                              rank=self.ctx.rank, world_size=self.ctx.world_size, spec=self.spec)
         # Sharded lookups are collective: every rank runs the same number of forwards, repeating
         # its last batch (predictions dropped) when it has fewer.
         steps = _all_reduce_int(len(loader), dist.ReduceOp.MAX, self.ctx.device)
         self.model.eval()
         preds, labels, oracle = [], [], []
-        it, batch = iter(loader), None
+        it, batch = self._prepare(iter(loader)), None
         for _ in range(steps):
             nxt = next(it, None)
             batch, keep = (nxt, True) if nxt is not None else (batch, False)
-            _, (_, out) = self.model(batch.to(self.ctx.device))
+            with self._autocast():
+                _, (_, out) = self.model(batch.to(self.ctx.device))
             if keep:
-                preds.append(torch.sigmoid(out.logits).cpu())
+                preds.append(torch.sigmoid(out.logits.float()).cpu())
                 labels.append(batch.labels)
                 if batch.oracle is not None:
                     oracle.append(batch.oracle)
@@ -181,7 +205,7 @@ class Trainer:
         meta = {
             "day": day, "source": self.source, "global_step": self.global_step, "day_step": day_step,
             "days_trained": self.days_trained, "spec": self.spec.for_source(self.source).to_dict(),
-            "model": to_dict(self.config.model),
+            "model": to_dict(self.model_config),
         }
         saved = save_snapshot(path, self.model, self.optimizer, meta, overwrite=self.config.train.overwrite)
         log.info("saved snapshot %s", saved)
@@ -191,7 +215,7 @@ class Trainer:
         """Loads a snapshot after checking it was made for this spec and model config."""
         meta = read_meta(path)
         _same(path, "spec", meta["spec"], self.spec.for_source(self.source).to_dict(), f"{self.root / 'spec.toml'} (source {self.source})")
-        _same(path, "model", meta["model"], to_dict(self.config.model), "the model config")
+        _same(path, "model", meta["model"], to_dict(self.model_config), "the model config")
         load_snapshot(path, self.model, self.optimizer)
         self.global_step, self.days_trained = meta["global_step"], list(meta["days_trained"])
         log.info("loaded snapshot %s (trained on %s)", path, ", ".join(self.days_trained) or "nothing")
@@ -209,11 +233,12 @@ class Trainer:
 # ---- the whole run ------------------------------------------------------------------------------
 
 
-def run(config: RunConfig, ctx: DistContext) -> dict[str, Any]:
+def run(config: RunConfig, ctx: DistContext, trainer_cls: type[Trainer] = Trainer) -> dict[str, Any]:
     """Trains (initial or incremental), snapshots each day, evaluates; returns the run summary
-    (also written to RUN_DIR/summary.json)."""
+    (also written to RUN_DIR/summary.json). ``trainer_cls`` builds the model: :class:`Trainer` for
+    an upstream model, :class:`trainer.downstream.DownstreamTrainer` for a downstream one."""
     t = config.train
-    trainer = Trainer(config, ctx)
+    trainer = trainer_cls(config, ctx)
     try:
         days = _plan_days(trainer, config)
         eval_day = _eval_day(trainer, days[-1], t.eval_day)
@@ -227,7 +252,8 @@ def run(config: RunConfig, ctx: DistContext) -> dict[str, Any]:
                     f"no snapshot before {days[0]} under {trainer.snapshots}; train the window first with --mode initial"
                 )
             trainer.load(previous)
-        summary: dict[str, Any] = {"mode": t.mode, "source": config.data.source, "world_size": ctx.world_size, "days": []}
+        summary: dict[str, Any] = {**trainer.describe(), "mode": t.mode, "source": config.data.source,
+                                   "world_size": ctx.world_size, "days": []}
         for day in days:
             stats = trainer.train_day(day)
             trainer.save(trainer.snapshot_path(day), day, stats["steps"])
@@ -238,8 +264,9 @@ def run(config: RunConfig, ctx: DistContext) -> dict[str, Any]:
             _log_eval(eval_day, summary["eval"])
         summary["global_step"] = trainer.global_step
         summary["snapshot"] = str(trainer.snapshot_path(days[-1]))
-        if ctx.is_main:
-            (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if ctx.is_main:  # summary.json: the latest run; summaries/DAY.json: the run that ended on DAY
+            _write_json(trainer.run_dir / "summary.json", summary)
+            _write_json(trainer.run_dir / "summaries" / f"{days[-1]}.json", summary)
         return summary
     finally:
         trainer.close()
@@ -280,6 +307,14 @@ def _days(root: Path, source: str, key: str) -> list[str]:
     if not src.is_dir():
         raise ValueError(f"{src}: no such source directory")
     return sorted(p.name[len(key) + 1:] for p in src.iterdir() if p.is_dir() and p.name.startswith(f"{key}="))
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Writes ``path`` whole or not at all (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
 
 
 def _all_reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:

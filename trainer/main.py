@@ -33,8 +33,8 @@ from trainer.log import setup_logging  # noqa: E402
 log = logging.getLogger("derm.main")
 
 
-def parse_args(argv: list[str] | None) -> RunConfig:
-    p = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None, config_cls: type = RunConfig, prog: str = "trainer/main.py", doc: str = __doc__):
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run config TOML (default: built-in defaults)")
     p.add_argument("--mode", choices=["initial", "incremental"], help="sets train.mode")
     p.add_argument("--days", help="initial mode: comma-separated days to train, in order (sets train.days)")
@@ -53,13 +53,16 @@ def parse_args(argv: list[str] | None) -> RunConfig:
         overrides.append(f'train.day="{args.day}"')
     if args.eval_day:
         overrides.append(f'train.eval_day="{args.eval_day}"')
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, cls=config_cls)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, config_cls: type = RunConfig, prog: str = "trainer/main.py", doc: str = __doc__) -> int:
+    """Trains the upstream model (``RunConfig``) or, with ``config_cls=DownstreamRunConfig``, a
+    downstream one (trainer/downstream.py)."""
     setup_logging()
+    downstream = config_cls is not RunConfig
     try:
-        config = parse_args(argv)  # validated before any process group starts
+        config = parse_args(argv, config_cls, prog, doc)  # validated before any process group starts
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -78,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             dump_config(config, Path(config.train.run_dir) / "config.toml")
         log.info("rank %d/%d on %s (%s); run dir %s", ctx.rank, ctx.world_size, ctx.device, ctx.backend, config.train.run_dir)
-        summary = run(config, ctx)
+        if downstream:
+            from trainer.downstream import run_downstream
+
+            summary = run_downstream(config, ctx)
+        else:
+            summary = run(config, ctx)
         if ctx.is_main:
             print(_summary_table(summary, config))
         return 0
@@ -89,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
 
 
-def _summary_table(summary: dict, config: RunConfig) -> str:
+def _summary_table(summary: dict, config) -> str:
     days = summary["days"]
     steps = sum(d["steps"] for d in days)
     rate = sum(d["examples"] for d in days) / max(sum(d["seconds"] for d in days), 1e-9)
     lines = [
-        f"\n{summary['source']} model, {summary['mode']} training on {days[0]['day']}..{days[-1]['day']} "
+        f"\n{summary['model']} model ({summary['source']} data), {summary['mode']} training on {days[0]['day']}..{days[-1]['day']} "
         f"({summary['world_size']} rank(s)): {steps} steps, {rate:,.0f} examples/s",
     ]
     if "eval" in summary:

@@ -17,7 +17,7 @@ output of ``JaggedTensor.to_padded_dense(desired_length=L)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -47,6 +47,11 @@ class Batch(Pipelineable):
     """``[B]`` int64 raw Pin keys."""
     event_time: torch.Tensor
     """``[B]`` int64 seconds since the epoch."""
+    derm: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Upstream DERM embeddings joined onto the rows for a downstream model (``name -> [B, E]`` and
+    ``name + "_missing" -> [B, 1]``, see :mod:`embeddings.features`); empty for upstream models.
+    A field of the batch so that TorchRec's train pipelines, which call ``model(batch)``, move it
+    with the rest."""
 
     @property
     def batch_size(self) -> int:
@@ -65,6 +70,7 @@ class Batch(Pipelineable):
             user_id=fn(self.user_id),
             pin_id=fn(self.pin_id),
             event_time=fn(self.event_time),
+            derm={k: fn(v) for k, v in self.derm.items()},
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -75,6 +81,6 @@ class Batch(Pipelineable):
 
     def record_stream(self, stream: torch.Stream) -> None:
         leaves = [self.sparse, self.sequence, self.labels, self.user_id, self.pin_id, self.event_time]
-        leaves += [*self.dense.values(), *(v for sides in self.sequence_side.values() for v in sides.values())]
+        leaves += [*self.dense.values(), *self.derm.values(), *(v for sides in self.sequence_side.values() for v in sides.values())]
         for leaf in leaves + ([self.oracle] if self.oracle is not None else []):
             leaf.record_stream(stream)

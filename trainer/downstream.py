@@ -1,0 +1,163 @@
+"""Train a downstream CTR or CVR model on DERM embeddings (paper §3.2, §4.1): the TorchX / torchrun
+script, and the trainer it runs.
+
+The downstream model (``modules.downstream``: an MMoE of DCNv2 experts for ``kind = "ctr"``, a DHEN
+for ``kind = "cvr"``) trains on one source's days exactly as an upstream model does (same loop,
+sharding, snapshots, evaluation: :mod:`trainer.loop`), with one addition: every batch gets the
+configured DERM embeddings joined on before the model sees it. A row of day d reads the versions
+published for day d − ``derm.lag_days`` (default 1, no leakage; :mod:`embeddings.features`), from
+one feature store per embedding: ``{derm.store_root}/{source}-{entity}`` (embedded) or the Redis
+namespace ``{source}-{entity}`` at ``derm.redis_url``. With ``derm.features`` empty the model reads
+no DERM embedding at all: the baseline of the paper's lift tables.
+
+Usage::
+
+    python trainer/downstream.py --kind=ctr --data.root=runs/demo/data --data.source=ctr \\
+        --derm.features='["ctr_user", "ctr_pin"]' --derm.store_root=runs/demo/store \\
+        --train.run_dir=runs/demo/downstream/ctr --days 2026-01-02,2026-01-03 --eval-day 2026-01-04
+    python trainer/downstream.py --config downstream.toml --mode incremental --day 2026-01-04
+    torchx run -s local_cwd dist.ddp -j 1x2 trainer/downstream.py -- --kind=cvr ...
+
+Outputs in RUN_DIR as for trainer/main.py: snapshots/, tb/, config.toml, summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+if __package__ in (None, ""):  # run as a script (torchrun trainer/downstream.py): import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from modules.downstream_config import DOWNSTREAM_KINDS, DERMFeature, DownstreamConfig  # noqa: E402
+from sharding.dmp import OptimizerConfig  # noqa: E402
+from trainer.config import DataConfig, TrainConfig, check_data_train  # noqa: E402
+
+log = logging.getLogger("derm.downstream")
+DERM_NAME = re.compile(r"^(?P<source>[a-z0-9]+)_(?P<entity>user|pin)$")
+
+
+@dataclass(frozen=True)
+class DERMJoinConfig:
+    """Which DERM embeddings a downstream model reads, and where they are served from."""
+
+    features: tuple[str, ...] = ()
+    """Embeddings to read, each ``{upstream source}_{user|pin}``: any subset of ``ctr_user``,
+    ``ctr_pin``, ``cvr_user``, ``cvr_pin`` (Tables 2 and 4). Empty: the no-DERM baseline."""
+    store_root: str = ""
+    """Folder of embedded feature stores, one per embedding: ``{store_root}/{source}-{entity}``."""
+    redis_url: str = ""
+    """Read from Redis instead (namespace ``{source}-{entity}``); overrides ``store_root``."""
+    version_pattern: str = "{source}-{entity}-{day}"
+    """Version published for a day (as ``embeddings.publish --version`` was given it)."""
+    lag_days: int = 1
+    """A row of day d reads the version of day d − lag_days (1: yesterday's, no leakage)."""
+    projection_dim: int = 32
+    """Width of each embedding after the projection layer (Appendix D.1); 0: no projection."""
+
+    def __post_init__(self) -> None:
+        for name in self.features:
+            if not DERM_NAME.match(name):
+                raise ValueError(f"derm.features: {name!r} is not {{source}}_{{user|pin}}, e.g. 'ctr_user'")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"derm.features lists a name twice: {list(self.features)}")
+        if self.features and not (self.store_root or self.redis_url):
+            raise ValueError("derm.features needs derm.store_root (embedded stores) or derm.redis_url")
+        for key in ("{source}", "{entity}", "{day}"):
+            if key not in self.version_pattern:
+                raise ValueError(f"derm.version_pattern needs {key}, got {self.version_pattern!r}")
+        if self.lag_days < 0 or self.projection_dim < 0:
+            raise ValueError("derm.lag_days and derm.projection_dim must be >= 0")
+
+    def store_name(self, feature: str) -> str:
+        """``ctr_user`` → ``ctr-user``: the store folder or Redis namespace of an embedding."""
+        m = DERM_NAME.match(feature)
+        return f"{m['source']}-{m['entity']}"
+
+
+@dataclass(frozen=True)
+class DownstreamRunConfig:
+    """The run config of a downstream model (TOML sections as :class:`trainer.config.RunConfig`,
+    plus ``kind`` and ``[derm]``)."""
+
+    kind: str = "ctr"
+    """ctr: the MMoE of DCNv2 experts; cvr: the DHEN model (independent of ``data.source``)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_dir="runs/demo/downstream/ctr"))
+    model: DownstreamConfig = field(default_factory=DownstreamConfig)
+    derm: DERMJoinConfig = field(default_factory=DERMJoinConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        check_data_train(self.data, self.train)
+        if self.kind not in DOWNSTREAM_KINDS:
+            raise ValueError(f"kind must be one of {DOWNSTREAM_KINDS}, got {self.kind!r}")
+        if self.model.derm:
+            raise ValueError("set the DERM embeddings with [derm] features (their widths come from the stores), not model.derm")
+
+
+def _trainer_cls():
+    """:class:`DownstreamTrainer`, defined on first use so that ``--help`` and config errors answer
+    without importing TorchRec."""
+    import torch
+
+    from embeddings.features import DERMFeatureJoin, DERMSource
+    from embeddings.publish import open_store
+    from modules.downstream import build_downstream
+    from trainer.data.batch import Batch
+    from trainer.loop import Trainer
+
+    class DownstreamTrainer(Trainer):
+        """:class:`trainer.loop.Trainer` for a downstream model: builds it, and joins the DERM
+        embeddings onto every batch it trains or evaluates on."""
+
+        def _build_task(self) -> torch.nn.Module:
+            cfg: DownstreamRunConfig = self.config
+            d = cfg.derm
+            sources = []
+            for name in d.features:
+                store_name = d.store_name(name)
+                store = open_store(str(Path(d.store_root) / store_name), d.redis_url or None, store_name)
+                source, entity = store_name.split("-")
+                pattern = d.version_pattern.replace("{source}", source).replace("{entity}", entity)
+                sources.append(DERMSource(name, store, entity, pattern))
+            self.join = DERMFeatureJoin(sources, lag_days=d.lag_days) if sources else None
+            features = tuple(DERMFeature(s.name, DERMFeatureJoin._width(s), d.projection_dim) for s in sources)
+            self.model_config = dataclasses.replace(cfg.model, derm=features)
+            if features:
+                log.info("DERM features: %s", ", ".join(f"{f.name} ({f.dim} -> {f.output_dim})" for f in features))
+            return build_downstream(self.spec, self.source, self.model_config, kind=cfg.kind, device=self.ctx.device,
+                                    embedding_device=torch.device("meta"))
+
+        def describe(self) -> dict:
+            return {"model": f"downstream {self.config.kind}", "derm": list(self.config.derm.features)}
+
+        def _prepare(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+            for batch in batches:
+                if self.join is not None:
+                    batch.derm = self.join(batch)
+                yield batch
+
+    return DownstreamTrainer
+
+
+def run_downstream(config: DownstreamRunConfig, ctx) -> dict:
+    """Trains, snapshots and evaluates the downstream model of ``config`` (see :func:`trainer.loop.run`)."""
+    from trainer.loop import run
+
+    return run(config, ctx, _trainer_cls())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.main import main as train_main
+
+    return train_main(argv, config_cls=DownstreamRunConfig, prog="trainer/downstream.py", doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

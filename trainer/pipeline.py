@@ -1,0 +1,352 @@
+"""The daily DERM pipeline (paper Figure 1, Appendix B.2–C): for each day, incremental upstream
+training of the ctr and cvr models, inference + aggregation + publishing of their user and Pin
+embeddings, then training and evaluation of the downstream CTR and CVR models on them — every
+step a TorchX job, submitted through TorchX's runner (``local_cwd`` by default; a cluster
+scheduler by ``--scheduler``), every step skipped when its output for the day already exists.
+
+One day ``d`` (all but the last day of the data, each evaluated on the next)::
+
+    stage 1  upstream ctr, upstream cvr        trainer/main.py (initial on the first day, then incremental)
+    stage 2  lifecycle ctr, lifecycle cvr      embeddings/daily.py: infer d, aggregate, publish version d
+    stage 3  downstream ctr + cvr models       trainer/downstream.py: train d reading versions d-1,
+             (with DERM, and the no-DERM        evaluate d+1 reading versions d
+             baseline, unless --no-baseline)
+
+Jobs of one stage run concurrently (``max_parallel``). Outputs, under ``work``::
+
+    upstream/<ctr|cvr>/       snapshots, summaries      emb/ pool/ store/ ann/   the lifecycle
+    downstream/<name>/        snapshots, summaries/DAY.json (the evaluation of the run ending on DAY)
+    logs/                     every job's stdout and stderr      results.md, results.json
+
+Usage::
+
+    python -m trainer.pipeline                                     # the tiny world, 3 days, local_cwd
+    python -m trainer.pipeline --config configs/pipeline-demo.toml --max_parallel=1
+    python -m trainer.pipeline --scheduler=kubernetes --image=REGISTRY/derm:1 --j=1x8 --gpu=8 \\
+        --scheduler_args='{queue = "default", namespace = "derm"}' --work=/mnt/derm/pipeline --data=/mnt/derm/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run as a script: import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from trainer.data.synthetic.config import PRESETS  # noqa: E402
+
+log = logging.getLogger("derm.pipeline")
+SOURCES = ("ctr", "cvr")
+DERM_FEATURES = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What the daily pipeline runs, on which data, and where its jobs go (flat TOML keys, or
+    ``--key=value`` overrides)."""
+
+    data: str = "runs/demo/data"
+    """Dataset root (spec.toml with sources ctr and cvr)."""
+    synthetic_preset: str = "tiny"
+    """Generate this synthetic world into ``data`` when it has no dataset; empty: refuse instead."""
+    work: str = "runs/pipeline"
+    """Where every step writes (see the module docstring)."""
+    days: tuple[str, ...] = ()
+    """Days to run, in order; default: every day of the data but the last. Each needs a next day
+    to evaluate on."""
+    scheduler: str = "local_cwd"
+    """TorchX scheduler of the jobs: local_cwd, kubernetes, slurm, ... ."""
+    scheduler_args: dict[str, Any] = field(default_factory=dict)
+    """The scheduler's run options (``torchx runopts <scheduler>``), e.g. {queue = "default"}."""
+    image: str = "derm-trainer:latest"
+    """Container image of the jobs (ignored by local_cwd)."""
+    j: str = "1x1"
+    """nnodes x processes per node of the training and inference jobs."""
+    cpu: int = 2
+    gpu: int = 0
+    memMB: int = 8192
+    max_parallel: int = 2
+    """Jobs of one stage in flight at once."""
+    method: str = "ma"
+    """Aggregation heuristic of the pools (paper §4.1.1): acc, ma or ap."""
+    alpha: float = 0.9
+    ann: bool = True
+    """Build a FAISS index of every Pin version."""
+    derm: tuple[str, ...] = DERM_FEATURES
+    """The DERM embeddings the downstream models read."""
+    baseline: bool = True
+    """Also train each downstream model without DERM embeddings, for the lift."""
+    downstream_features: tuple[str, ...] = ()
+    """The downstream models' restricted feature set (empty: all of the source's)."""
+    upstream_overrides: tuple[str, ...] = ()
+    """Extra ``--section.field=value`` for trainer/main.py (e.g. ``--data.batch_size=1024``)."""
+    downstream_overrides: tuple[str, ...] = ()
+    """Extra ``--section.field=value`` for trainer/downstream.py."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("acc", "ma", "ap"):
+            raise ValueError(f"method must be acc, ma or ap, got {self.method!r}")
+        unknown = [f for f in self.derm if f not in DERM_FEATURES]
+        if unknown:
+            raise ValueError(f"derm: unknown embedding(s) {unknown}; choose from {list(DERM_FEATURES)}")
+        if self.max_parallel < 1:
+            raise ValueError(f"max_parallel must be >= 1, got {self.max_parallel}")
+        if self.synthetic_preset and self.synthetic_preset not in PRESETS:
+            raise ValueError(f"synthetic_preset must be one of {sorted(PRESETS)} or empty, got {self.synthetic_preset!r}")
+
+
+@dataclass
+class Step:
+    """One job of the pipeline: its name, whether it is done, and the AppDef to run otherwise."""
+
+    name: str
+    done: Callable[[], bool]
+    app: Callable[[], Any]
+
+
+class Pipeline:
+    """Plans the steps of each day and runs the ones not done yet through TorchX's runner."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.work = Path(config.work)
+        self.data = Path(config.data)
+        self.submitted: list[str] = []
+
+    # ---- the plan ---------------------------------------------------------------------------
+    def days(self) -> tuple[list[str], dict[str, str]]:
+        """The days to run and, for each, the day it is evaluated on."""
+        from trainer.data.spec import load_spec
+
+        spec = load_spec(self.data / "spec.toml")
+        missing = [s for s in SOURCES if s not in spec.source_names]
+        if missing:
+            raise ValueError(f"{self.data / 'spec.toml'}: the pipeline needs sources {list(SOURCES)}; it has {spec.source_names}")
+        on_disk = sorted(set.intersection(*(set(_days(self.data / s)) for s in SOURCES)))
+        if len(on_disk) < 2:
+            raise ValueError(f"{self.data}: the pipeline needs at least two days of both sources; it has {on_disk}")
+        days = list(self.config.days) or on_disk[:-1]
+        bad = [d for d in days if d not in on_disk[:-1]]
+        if bad:
+            raise ValueError(f"days {bad}: each day needs data and a later day to evaluate on; {self.data} has {on_disk}")
+        return days, {d: on_disk[on_disk.index(d) + 1] for d in days}
+
+    def stages(self, day: str, first: bool, eval_day: str) -> list[list[Step]]:
+        return [
+            [self._upstream(s, day, first) for s in SOURCES],
+            [self._lifecycle(s, day) for s in SOURCES],
+            [self._downstream(kind, derm, day, first, eval_day) for kind in SOURCES for derm in self._variants()],
+        ]
+
+    def _variants(self) -> list[bool]:
+        return [True, False] if self.config.baseline else [True]
+
+    def _resources(self) -> dict[str, Any]:
+        c = self.config
+        return {"image": c.image, "j": c.j, "cpu": c.cpu, "gpu": c.gpu, "memMB": c.memMB}
+
+    def _upstream(self, source: str, day: str, first: bool) -> Step:
+        from torchx_components import train
+
+        run_dir = self.work / "upstream" / source
+        args = [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={run_dir}",
+                "--train.overwrite=true", '--train.eval_day="none"', "--data.synthetic_preset=", *self.config.upstream_overrides]
+
+        def app():
+            if first:
+                return train.initial(*args, days=day, name=f"derm/upstream-{source}-{day}", **self._resources())
+            return train.incremental(*args, day=day, name=f"derm/upstream-{source}-{day}", **self._resources())
+
+        return Step(f"upstream {source}", lambda: (run_dir / "snapshots" / f"day={day}" / "meta.json").is_file(), app)
+
+    def _lifecycle(self, source: str, day: str) -> Step:
+        from embeddings.daily import is_published
+        from torchx_components import lifecycle
+
+        snapshot = self.work / "upstream" / source / "snapshots" / f"day={day}"
+        c = self.config
+
+        def app():
+            return lifecycle.daily(str(snapshot), str(self.data), day, str(self.work), method=c.method, alpha=c.alpha,
+                                   ann=c.ann, name=f"derm/lifecycle-{source}-{day}", **self._resources())
+
+        return Step(f"lifecycle {source}", lambda: is_published(self.work, source, day), app)
+
+    def run_dir(self, kind: str, with_derm: bool) -> Path:
+        return self.work / "downstream" / f"{kind}-{'derm' if with_derm else 'baseline'}"
+
+    def _downstream(self, kind: str, with_derm: bool, day: str, first: bool, eval_day: str) -> Step:
+        from torchx_components import downstream
+
+        c = self.config
+        run_dir = self.run_dir(kind, with_derm)
+        features = list(c.derm) if with_derm else []
+        args = [f"--data.root={self.data}", f"--data.source={kind}", f"--train.run_dir={run_dir}", "--train.overwrite=true",
+                f"--derm.features={json.dumps(features)}", f"--derm.store_root={self.work / 'store'}",
+                f"--model.features={json.dumps(list(c.downstream_features))}", "--data.synthetic_preset=",
+                *c.downstream_overrides]
+        mode = {"mode": "initial", "days": day} if first else {"mode": "incremental", "day": day}
+
+        def app():
+            return downstream.train(*args, kind=kind, eval_day=eval_day, name=f"derm/downstream-{run_dir.name}-{day}",
+                                    **mode, **self._resources())
+
+        return Step(f"downstream {run_dir.name}", lambda: (run_dir / "summaries" / f"{day}.json").is_file(), app)
+
+    # ---- running ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from torchx.runner import get_runner
+
+        days, eval_days = self.days()
+        log.info("pipeline over %s (%d day(s)) on %s; work %s", ", ".join(days), len(days), self.config.scheduler, self.work)
+        with get_runner() as runner:
+            for i, day in enumerate(days):
+                for stage in self.stages(day, i == 0, eval_days[day]):
+                    self._run_stage(runner, day, stage)
+        results = self.results(days, eval_days)
+        self._write_results(results)
+        return results
+
+    def _run_stage(self, runner, day: str, steps: list[Step]) -> None:
+        todo = [s for s in steps if not s.done()]
+        for s in steps:
+            if s not in todo:
+                log.info("%s %-26s done already; skipped", day, s.name)
+        cfg = {**self.config.scheduler_args}
+        if self.config.scheduler == "local_cwd":
+            cfg.setdefault("log_dir", str(self.work / "logs"))
+        while todo:
+            batch, todo = todo[: self.config.max_parallel], todo[self.config.max_parallel:]
+            handles = []
+            for s in batch:
+                handle = runner.run(s.app(), scheduler=self.config.scheduler, cfg=cfg)
+                self.submitted.append(f"{day} {s.name}")
+                log.info("%s %-26s submitted: %s", day, s.name, handle)
+                handles.append((s, handle, time.perf_counter()))
+            for s, handle, t0 in handles:
+                status = runner.wait(handle, wait_interval=1)
+                state = status.state.name if status is not None else "UNKNOWN"
+                if state != "SUCCEEDED":
+                    raise PipelineError(f"{day} {s.name}: job {handle} ended {state}\n{_log_tail(runner, handle)}")
+                if not s.done():
+                    raise PipelineError(f"{day} {s.name}: job {handle} succeeded but left no output for {day}")
+                log.info("%s %-26s succeeded in %.0f s", day, s.name, time.perf_counter() - t0)
+
+    # ---- results ----------------------------------------------------------------------------
+    def results(self, days: list[str], eval_days: dict[str, str]) -> dict[str, Any]:
+        """Per day and downstream model: eval metrics with DERM, without (baseline), and the lift."""
+        rows = []
+        for day in days:
+            for kind in SOURCES:
+                runs = {v: _read_json(self.run_dir(kind, v) / "summaries" / f"{day}.json") for v in self._variants()}
+                for label, m in runs[True]["eval"].items():
+                    row = {"day": day, "eval_day": eval_days[day], "model": kind, "label": label,
+                           "roc_auc": m["roc_auc"], "pr_auc": m["pr_auc"], "oracle_roc_auc": m.get("oracle_roc_auc")}
+                    if False in runs:
+                        b = runs[False]["eval"][label]
+                        row.update(baseline_roc_auc=b["roc_auc"], baseline_pr_auc=b["pr_auc"],
+                                   roc_auc_lift_pct=100 * (m["roc_auc"] / b["roc_auc"] - 1),
+                                   pr_auc_lift_pct=100 * (m["pr_auc"] / b["pr_auc"] - 1))
+                    rows.append(row)
+        return {"days": days, "derm": list(self.config.derm), "method": self.config.method, "alpha": self.config.alpha,
+                "rows": rows, "jobs_submitted": self.submitted}
+
+    def _write_results(self, results: dict[str, Any]) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "results.json").write_text(json.dumps(results, indent=1))
+        (self.work / "results.md").write_text(results_table(results) + "\n")
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The results as a markdown table (what the pipeline prints at the end)."""
+    head = "| trained | eval | model | label | ROC-AUC | baseline | lift % | PR-AUC | baseline | lift % | oracle AUC |"
+    lines = [head, "|" + "---|" * 11]
+    for r in results["rows"]:
+        base = r.get("baseline_roc_auc")
+        cells = [r["day"], r["eval_day"], r["model"], r["label"], f"{r['roc_auc']:.4f}",
+                 f"{base:.4f}" if base is not None else "–", f"{r['roc_auc_lift_pct']:+.2f}" if base is not None else "–",
+                 f"{r['pr_auc']:.4f}", f"{r['baseline_pr_auc']:.4f}" if base is not None else "–",
+                 f"{r['pr_auc_lift_pct']:+.2f}" if base is not None else "–",
+                 f"{r['oracle_roc_auc']:.4f}" if r.get("oracle_roc_auc") is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class PipelineError(RuntimeError):
+    """A job of the pipeline failed (the message names the day, the step and the job's log tail)."""
+
+
+def _log_tail(runner, handle: str, lines: int = 30) -> str:
+    try:
+        from torchx.specs import parse_app_handle
+
+        app_id = parse_app_handle(handle).app_id
+        desc = runner.describe(handle)
+        tail = []
+        for role in desc.roles if desc else []:
+            tail += list(runner.log_lines(handle, role.name, k=0))[-lines:]
+        return f"last lines of the job's log ({app_id}):\n" + "".join(t if t.endswith("\n") else t + "\n" for t in tail)
+    except Exception as e:  # the scheduler may not keep logs; the failure itself is what matters
+        return f"(no log available: {e})"
+
+
+def _days(src: Path) -> list[str]:
+    return sorted(p.name[4:] for p in src.glob("day=*") if p.is_dir())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing; re-run the pipeline to redo that step") from None
+
+
+def _ensure_data(config: PipelineConfig) -> None:
+    root = Path(config.data)
+    if (root / "spec.toml").exists():
+        return
+    if not config.synthetic_preset:
+        raise ValueError(f"{root}: no dataset (spec.toml) there, and synthetic_preset is empty")
+    from trainer.data.synthetic import generate
+
+    log.info("no data in %s: generating the %s synthetic world there", root, config.synthetic_preset)
+    generate(root, PRESETS[config.synthetic_preset], seed=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="pipeline config TOML (flat keys of PipelineConfig)")
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+    if bad:
+        p.error(f"unrecognised arguments {bad}; settings are written --key=value")
+
+    from trainer.config import load_config
+    from trainer.log import setup_logging
+
+    setup_logging()
+    try:
+        config = load_config(args.config, rest, cls=PipelineConfig)
+        _ensure_data(config)
+        t0 = time.perf_counter()
+        results = Pipeline(config).run()
+    except (ValueError, PipelineError) as e:
+        log.error("%s", e)
+        return 2
+    print(f"\nDERM pipeline: {len(results['days'])} day(s), {len(results['jobs_submitted'])} job(s) run in "
+          f"{time.perf_counter() - t0:.0f} s; downstream models with DERM embeddings {results['derm']} "
+          f"({results['method']} pools) against the same models without:\n")
+    print(results_table(results))
+    print(f"\n{config.work}/results.md, results.json; job logs in {config.work}/logs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
