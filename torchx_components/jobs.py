@@ -31,3 +31,16 @@ def split_days(days: str) -> List[str]:
     if any(not d for d in parts):
         raise ValueError(f"--days {days!r}: expected a comma-separated list of days, e.g. 2026-01-01,2026-01-02")
     return parts
+
+
+def python_module_job(name: str, image: str, module: str, args: List[str], cpu: int, memMB: int,
+                      h: Optional[str], env: Optional[Dict[str, str]], max_retries: int,
+                      mounts: Optional[List[str]]) -> specs.AppDef:
+    """One process running ``python -m module args`` (aggregation and publishing need no ranks)."""
+    resource = specs.named_resources[h] if h else specs.Resource(cpu=cpu, gpu=0, memMB=memMB)
+    role = specs.Role(
+        name=name.split("/")[-1], image=image, entrypoint="python", args=["-m", module, *args],
+        resource=resource, env=dict(env or {}), max_retries=max_retries,
+        mounts=specs.parse_mounts(mounts) if mounts else [],
+    )
+    return specs.AppDef(name=name.split("/")[-1], roles=[role])

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import torchx.specs as specs
 
-from torchx_components.jobs import split_days, torchrun_job
+from torchx_components.jobs import python_module_job, split_days, torchrun_job
 from torchx_components.train import DERM_IMAGE
 
 INFER_SCRIPT = "embeddings/infer.py"
@@ -70,19 +70,6 @@ def infer(
                         max_retries=max_retries, mounts=mounts)
 
 
-def _python_module_job(name: str, image: str, module: str, args: List[str], cpu: int, memMB: int,
-                       h: Optional[str], env: Optional[Dict[str, str]], max_retries: int,
-                       mounts: Optional[List[str]]) -> specs.AppDef:
-    """One process running ``python -m module args`` (aggregation and publishing need no ranks)."""
-    resource = specs.named_resources[h] if h else specs.Resource(cpu=cpu, gpu=0, memMB=memMB)
-    role = specs.Role(
-        name=name.split("/")[-1], image=image, entrypoint="python", args=["-m", module, *args],
-        resource=resource, env=dict(env or {}), max_retries=max_retries,
-        mounts=specs.parse_mounts(mounts) if mounts else [],
-    )
-    return specs.AppDef(name=name.split("/")[-1], roles=[role])
-
-
 def aggregate(
     emb: str,
     pool: str,
@@ -132,7 +119,7 @@ def aggregate(
             "--method", method, "--ttl-days", str(ttl_days), "--workers", str(workers)]
     args += ["--alpha", str(alpha)] if method == "ma" else []
     args += ["--num-buckets", str(num_buckets)] if num_buckets else []
-    return _python_module_job(name, image, "embeddings.aggregate", args, cpu, memMB, h, env, max_retries, mounts)
+    return python_module_job(name, image, "embeddings.aggregate", args, cpu, memMB, h, env, max_retries, mounts)
 
 
 def publish(
@@ -180,7 +167,7 @@ def publish(
     args += ["--store", store] if store else ["--redis", redis, "--namespace", namespace]
     args += ["--ann-dir", ann_dir] if ann_dir else []
     args += [] if activate else ["--no-activate"]
-    return _python_module_job(name, image, "embeddings.publish", args, cpu, memMB, h, env, max_retries, mounts)
+    return python_module_job(name, image, "embeddings.publish", args, cpu, memMB, h, env, max_retries, mounts)
 
 
 def daily(

@@ -23,7 +23,10 @@ Usage::
     python -m trainer.pipeline                                     # the tiny world, 3 days, local_cwd
     python -m trainer.pipeline --config configs/pipeline-demo.toml --max_parallel=1
     python -m trainer.pipeline --scheduler=kubernetes --image=REGISTRY/derm:1 --j=1x8 --gpu=8 \\
-        --scheduler_args='{queue = "default", namespace = "derm"}' --work=/mnt/derm/pipeline --data=/mnt/derm/data
+        --scheduler_args='{namespace = "derm"}' --work=/mnt/derm/pipeline --data=/mnt/derm/data
+
+Scheduler run options come from ``scheduler_args`` and, like the ``torchx`` CLI, from
+``.torchxconfig`` in the working directory (the repository's sets the Kubernetes queue).
 """
 
 from __future__ import annotations
@@ -214,14 +217,24 @@ class Pipeline:
         self._write_results(results)
         return results
 
+    def scheduler_cfg(self) -> dict[str, Any]:
+        """The scheduler's run options: ``scheduler_args``, then what ``.torchxconfig`` in the
+        working directory sets for the scheduler (as the ``torchx`` CLI reads it, e.g. the
+        Kubernetes queue), then job logs under ``work/logs`` for local_cwd."""
+        from torchx.runner.config import apply
+
+        cfg = dict(self.config.scheduler_args)
+        apply(scheduler=self.config.scheduler, cfg=cfg)
+        if self.config.scheduler == "local_cwd":
+            cfg.setdefault("log_dir", str(self.work / "logs"))
+        return cfg
+
     def _run_stage(self, runner, day: str, steps: list[Step]) -> None:
         todo = [s for s in steps if not s.done()]
         for s in steps:
             if s not in todo:
                 log.info("%s %-26s done already; skipped", day, s.name)
-        cfg = {**self.config.scheduler_args}
-        if self.config.scheduler == "local_cwd":
-            cfg.setdefault("log_dir", str(self.work / "logs"))
+        cfg = self.scheduler_cfg()
         while todo:
             batch, todo = todo[: self.config.max_parallel], todo[self.config.max_parallel:]
             handles = []
@@ -289,10 +302,13 @@ def _log_tail(runner, handle: str, lines: int = 30) -> str:
 
         app_id = parse_app_handle(handle).app_id
         desc = runner.describe(handle)
-        tail = []
+        text = []
         for role in desc.roles if desc else []:
-            tail += list(runner.log_lines(handle, role.name, k=0))[-lines:]
-        return f"last lines of the job's log ({app_id}):\n" + "".join(t if t.endswith("\n") else t + "\n" for t in tail)
+            text += [t.rstrip("\n") for t in runner.log_lines(handle, role.name, k=0)]
+        # torchrun ends a failed job with its own traceback; the job's error is above it.
+        cut = next((i for i, t in enumerate(text) if t.startswith("Traceback")
+                    and any("torch/distributed/run.py" in x for x in text[i:i + 40])), len(text))
+        return f"last lines of the job's log ({app_id}):\n" + "\n".join(text[:cut][-lines:])
     except Exception as e:  # the scheduler may not keep logs; the failure itself is what matters
         return f"(no log available: {e})"
 

@@ -1,0 +1,112 @@
+"""The daily pipeline (trainer/pipeline.py) through TorchX's runner on ``local_cwd``: three days of
+the tiny world end to end, then a re-run that submits nothing; a failing job stops the pipeline
+naming the day, the step and the job's log; and the plan refuses what it cannot run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from embeddings.store import EmbeddedStore
+from trainer.data.synthetic import PRESETS, generate
+from trainer.pipeline import Pipeline, PipelineConfig, PipelineError, results_table
+
+REPO = Path(__file__).resolve().parents[1]
+DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
+FAST = ("--train.max_steps_per_day=3", "--data.batch_size=256")
+
+
+@pytest.fixture(scope="module")
+def four_days(tmp_path_factory):
+    """The tiny world with its four days: three to run, each evaluated on the next."""
+    root = tmp_path_factory.mktemp("pipeline") / "world"
+    generate(root, PRESETS["tiny"], seed=0)
+    return root
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    """local_cwd runs the job scripts relative to the working directory: the repository root, with
+    the venv's torchrun first on PATH."""
+    import sys
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def _config(data, work, **kw) -> PipelineConfig:
+    settings = dict(synthetic_preset="", baseline=False, ann=True, upstream_overrides=FAST, downstream_overrides=FAST)
+    return PipelineConfig(data=str(data), work=str(work), **{**settings, **kw})
+
+
+@pytest.mark.slow
+def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_repo):
+    work = tmp_path / "work"
+    results = Pipeline(_config(four_days, work)).run()
+
+    assert results["days"] == DAYS
+    assert len(results["jobs_submitted"]) == 3 * 6  # per day: 2 upstream, 2 lifecycle, 2 downstream
+    for source in ("ctr", "cvr"):
+        for day in DAYS:
+            assert (work / "upstream" / source / "snapshots" / f"day={day}" / "meta.json").is_file()
+        for entity in ("user", "pin"):
+            versions = EmbeddedStore(work / "store" / f"{source}-{entity}").versions()
+            assert versions == [f"{source}-{entity}-{d}" for d in DAYS]
+        assert sorted(p.name for p in (work / "ann").iterdir()) == [f"{s}-pin-{d}" for s in ("ctr", "cvr") for d in DAYS]
+    # incremental after the first day: each upstream run trained on exactly its own day
+    summary = json.loads((work / "upstream" / "ctr" / "summaries" / f"{DAYS[-1]}.json").read_text())
+    assert summary["mode"] == "incremental" and [d["day"] for d in summary["days"]] == [DAYS[-1]]
+    rows = results["rows"]
+    assert [(r["day"], r["eval_day"]) for r in rows if r["model"] == "cvr" and r["label"] == "conversion"] == [
+        ("2026-01-01", "2026-01-02"), ("2026-01-02", "2026-01-03"), ("2026-01-03", "2026-01-04")]
+    assert {r["label"] for r in rows} == {"click", "good_click", "conversion", "click_conversion", "view_conversion"}
+    assert all(0.0 <= r["roc_auc"] <= 1.0 and r["oracle_roc_auc"] > 0.5 for r in rows)
+    assert (work / "results.md").read_text().startswith("| trained | eval |")
+
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("meta.json")}
+    again = Pipeline(_config(four_days, work)).run()
+    assert again["jobs_submitted"] == []
+    assert again["rows"] == rows
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("meta.json")} == stamps
+
+
+@pytest.mark.slow
+def test_a_failing_job_stops_the_pipeline_with_its_log(four_days, tmp_path, in_repo):
+    config = _config(four_days, tmp_path / "work", days=(DAYS[0],), max_parallel=1,
+                     upstream_overrides=("--model.token_dim=3",))
+    with pytest.raises(PipelineError, match=r"(?s)2026-01-01 upstream ctr: job .* ended FAILED.*token_dim must be an even number"):
+        Pipeline(config).run()
+    assert not (tmp_path / "work" / "upstream" / "cvr").exists()  # nothing after the failed step ran
+
+
+def test_plan_refuses_days_without_a_next_day_and_missing_sources(four_days, tiny_world, tmp_path):
+    with pytest.raises(ValueError, match=r"days \['2026-01-04'\]: each day needs data and a later day"):
+        Pipeline(_config(four_days, tmp_path, days=("2026-01-04",))).days()
+    days, eval_days = Pipeline(_config(tiny_world, tmp_path)).days()
+    assert days == ["2026-01-01", "2026-01-02"] and eval_days["2026-01-02"] == "2026-01-03"
+    with pytest.raises(ValueError, match="method must be acc, ma or ap"):
+        PipelineConfig(method="median")
+    with pytest.raises(ValueError, match=r"derm: unknown embedding\(s\) \['ads_user'\]"):
+        PipelineConfig(derm=("ads_user",))
+
+
+def test_results_table_shows_lift_against_the_baseline(tmp_path):
+    pipeline = Pipeline(PipelineConfig(work=str(tmp_path)))
+    for kind, label in (("ctr", "click"), ("cvr", "conversion")):
+        for with_derm, auc in ((True, 0.66), (False, 0.60)):
+            path = pipeline.run_dir(kind, with_derm) / "summaries" / "2026-01-01.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"eval": {label: {"roc_auc": auc, "pr_auc": auc / 10, "oracle_roc_auc": 0.8}}}))
+    results = pipeline.results(["2026-01-01"], {"2026-01-01": "2026-01-02"})
+    (ctr, cvr) = results["rows"]
+    assert ctr["roc_auc_lift_pct"] == pytest.approx(10.0) and cvr["pr_auc_lift_pct"] == pytest.approx(10.0)
+    table = results_table(results)
+    assert "| 2026-01-01 | 2026-01-02 | ctr | click | 0.6600 | 0.6000 | +10.00 |" in table
+
+
+def test_kubernetes_jobs_get_the_queue_of_torchxconfig(in_repo):
+    assert Pipeline(PipelineConfig(scheduler="kubernetes")).scheduler_cfg()["queue"] == "default"
+    assert Pipeline(PipelineConfig(scheduler="kubernetes", scheduler_args={"queue": "q"})).scheduler_cfg()["queue"] == "q"
