@@ -10,8 +10,10 @@ $(STAMP): requirements/base.txt requirements/cpu.txt requirements/cuda.txt requi
 
 install: $(STAMP)
 
+# The daily pipeline on the tiny synthetic world: every step a TorchX job (local_cwd runs
+# torchrun from the venv). A second `make demo` finds every step done and only prints the table.
 demo: $(STAMP)
-	$(PY) trainer/main.py --train.overwrite=true
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m trainer.pipeline --config configs/pipeline-demo.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -93,8 +93,10 @@ def test_train_infer_publish_search_on_one_gpu(ctx, tiny_world, tmp_path):
     assert all(d["steps"] == 4 and np.isfinite(d["mean_loss"]) for d in initial["days"]), initial["days"]
     conv = initial["eval"]["conversion"]
     assert conv["count"] > 0 and 0.0 <= conv["roc_auc"] <= 1.0 and np.isfinite(conv["ne"]), conv
-    incremental = run(_config(tiny_world, run_dir, mode="incremental", day=D3), ctx)
+    # the incremental day under bf16 autocast (train.mixed_precision), as a GPU user would run it
+    incremental = run(_config(tiny_world, run_dir, mode="incremental", day=D3, mixed_precision="bf16"), ctx)
     assert incremental["global_step"] == initial["global_step"] + 4
+    assert np.isfinite(incremental["days"][0]["mean_loss"])
     snapshot = run_dir / "snapshots" / f"day={D2}"
     assert (snapshot / "meta.json").exists()
 
