@@ -42,15 +42,21 @@ def store_dir(work: Path, source: str, entity: str) -> Path:
     return Path(work) / "store" / f"{source}-{entity}"
 
 
-def is_published(work: Path, source: str, day: str) -> bool:
-    """True when both the user and the Pin versions of ``day`` are in the store (the day is done)."""
+def ann_dir(work: Path, source: str, day: str) -> Path:
+    """The FAISS index of the Pin version of ``day`` (written whole or not at all)."""
+    return Path(work) / "ann" / version_name(source, "pin", day)
+
+
+def is_published(work: Path, source: str, day: str, ann: bool = False) -> bool:
+    """True when both the user and the Pin versions of ``day`` are in the store and, with ``ann``,
+    the Pin version's index is built (the day is done)."""
     from embeddings.store import EmbeddedStore
 
     for entity in ENTITIES:
         path = store_dir(work, source, entity)
         if not path.exists() or version_name(source, entity, day) not in EmbeddedStore(path).versions():
             return False
-    return True
+    return not ann or ann_dir(work, source, day).is_dir()
 
 
 def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha: float | None, ann: bool,
@@ -67,7 +73,7 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
     from trainer.distributed import init_distributed, shutdown
 
     source = read_meta(snapshot)["source"]
-    if is_published(work, source, day):
+    if is_published(work, source, day, ann):
         log.info("%s %s: already published; nothing to do", source, day)
         return {"source": source, "day": day, "skipped": True}
     ctx = init_distributed(device)
@@ -87,9 +93,12 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
                     aggregate_day(work / "emb", work / "pool", source, entity, day, method, alpha)
                 store = EmbeddedStore(store_dir(work, source, entity))
                 version = version_name(source, entity, day)
+                build_ann = ann and entity == "pin"
+                if version in store.versions() and build_ann and not ann_dir(work, source, day).is_dir():
+                    # Killed between the version's commit and its index: publish both again.
+                    store.delete_version(version)
                 if version not in store.versions():
-                    ann_dir = work / "ann" if ann and entity == "pin" else None
-                    published = publish(pool_day, store, version, activate=True, ann_dir=ann_dir)
+                    published = publish(pool_day, store, version, activate=True, ann_dir=work / "ann" if build_ann else None)
                     report[entity] = {"version": version, "rows": published.rows}
         dist.barrier()
         return report

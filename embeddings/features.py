@@ -68,11 +68,15 @@ class DERMFeatureJoin:
             raise ValueError(f"DERM source names must be unique, got {names}")
         self.sources, self.lag_days = sources, lag_days
         self._warned: set[str] = set()
+        self._found: set[tuple[str, str]] = set()  # committed versions never change: look each up once
 
     def version(self, source: DERMSource, day: dt.date) -> str | None:
         """The version a row of ``day`` reads, or None if it was never published."""
         name = source.version_pattern.format(day=(day - dt.timedelta(days=self.lag_days)).isoformat())
+        if (source.name, name) in self._found:
+            return name
         if name in source.store.versions():
+            self._found.add((source.name, name))
             return name
         if name not in self._warned:  # e.g. the first day of a window: nothing published before it
             log.warning("DERM feature %s: no version %s; rows of %s get it as missing", source.name, name, day)
@@ -104,5 +108,5 @@ class DERMFeatureJoin:
     def _width(source: DERMSource) -> int:
         versions = source.store.versions()
         if not versions:
-            raise ValueError(f"DERM feature {source.name}: its store has no versions at all; publish one first")
+            raise ValueError(f"DERM feature {source.name}: its store {source.store!r} has no versions at all; publish one first")
         return int(source.store.version_info(versions[-1]).dim)

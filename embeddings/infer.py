@@ -182,6 +182,9 @@ def _first_row(events: EventLog) -> pa.Table:
 def _write(target: Path, rank: int, ids: np.ndarray, emb: np.ndarray, times: np.ndarray) -> int:
     """Writes this rank's part into the day's staging directory; ``_publish_day`` moves it."""
     stage = target.with_name(f".{target.name}.staging")
+    if rank == 0:  # parts a crashed earlier run (perhaps with more ranks) left there must not be published
+        shutil.rmtree(stage, ignore_errors=True)
+    dist.barrier()
     stage.mkdir(parents=True, exist_ok=True)
     table = pa.table({
         "entity_id": pa.array(ids.astype(np.int64)),

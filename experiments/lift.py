@@ -251,7 +251,8 @@ class Experiment:
             "derm": list(cell.derm), "pool": _pool_name(cell.pool), "projection_dim": cell.projection_dim,
             "train_days": p.train_days, "eval_days": p.eval_days, "train_examples": examples,
             "train_examples_per_s": round(examples / max(seconds, 1e-9), 1), "eval_seconds": round(eval_s, 1),
-            "input_width": getattr(trainer_model(trainer), "input_dim", None), "metrics": metrics,
+            "input_width": getattr(trainer_model(trainer), "input_dim", None),
+            "derm_width": sum(f.output_dim for f in trainer.model_config.derm), "metrics": metrics,
         }
 
     def _cell_store_root(self, cell: Cell) -> Path:
@@ -281,9 +282,16 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _done(results: Path) -> set[tuple[int, str]]:
+    """The (seed, cell) pairs already in ``results``; an unfinished last line (a run killed while
+    appending) is dropped so that the next append starts on a line of its own."""
     if not results.exists():
         return set()
-    return {(r["seed"], r["cell"]) for r in map(json.loads, results.read_text().splitlines()) if r}
+    text = results.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    if complete != text:
+        log.warning("%s: dropping an unfinished last line (an interrupted write)", results)
+        results.write_text(complete)
+    return {(r["seed"], r["cell"]) for r in map(json.loads, complete.splitlines()) if r}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     tables = set(args.cells.split(",")) if args.cells else None
     todo = [c for c in cells() if tables is None or c.table in tables]
     ctx = init_distributed("cpu")
+    if ctx.world_size != 1:  # every rank would append the same cells and remove the others' folders
+        raise SystemExit("experiments/lift.py runs as one process (its models are small); start it with python, not torchrun")
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
             exp = Experiment(args.dataset, data, out, seed, ctx)

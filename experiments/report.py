@@ -73,6 +73,12 @@ class Dataset:
                 out.append(100 * (self.metric(r, key) / self.metric(base, key) - 1))
         return out
 
+    def oracle(self, kind: str) -> str:
+        """The oracle ROC-AUC of ``kind``'s evaluation rows (the world's true probabilities), as text."""
+        rows = self.select("baseline", kind)
+        value = rows[0]["metrics"][self.label[kind]].get("oracle_roc_auc") if rows else None
+        return f"oracle ROC-AUC {value:.4f}" if value is not None else "no oracle (real data)"
+
     def select(self, table: str, kind: str, derm: tuple[str, ...] | None = None, pool: str | None = None,
                projection: int | None = None) -> list[dict]:
         return [r for r in self.rows if r["table"] == table and r["kind"] == kind
@@ -80,12 +86,14 @@ class Dataset:
                 and (projection is None or r["projection_dim"] == projection)]
 
 
-def fmt(values: list[float], digits: int = 2) -> str:
+def fmt(values: list[float], digits: int = 2, seeds: int = 0) -> str:
+    """``mean ± std`` of ``values``, with ``(n=k)`` when fewer than ``seeds`` seeds are paired."""
     if not values:
         return "–"
+    n = f" (n={len(values)})" if seeds and len(values) < seeds else ""
     if len(values) == 1:
-        return f"{values[0]:+.{digits}f}"
-    return f"{statistics.mean(values):+.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{values[0]:+.{digits}f}{n}"
+    return f"{statistics.mean(values):+.{digits}f} ± {statistics.stdev(values):.{digits}f}{n}"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -135,20 +143,21 @@ def _abs(values: list[float]) -> str:
 
 
 def _table1(ds: Dataset) -> list[str]:
-    lines = ["### Table 1: aggregation of the CVR user embedding → downstream CVR", "",
+    lines = [f"### Table 1: aggregation of the CVR user embedding → downstream CVR ({ds.oracle('cvr')})", "",
              "| pool | ROC-AUC lift | PR-AUC lift | ROC-AUC | paper ROC-AUC lift |", "|---|---|---|---|---|"]
     for pool in POOL_ORDER:
         rows = ds.select("table1", "cvr", ("cvr_user",), pool)
         if rows:
-            lines.append(f"| {POOL_LABEL[pool]} | {fmt(ds.lifts(rows, 'roc_auc'))} | {fmt(ds.lifts(rows, 'pr_auc'))} | "
+            lines.append(f"| {POOL_LABEL[pool]} | {fmt(ds.lifts(rows, 'roc_auc'), seeds=len(ds.seeds))} | {fmt(ds.lifts(rows, 'pr_auc'), seeds=len(ds.seeds))} | "
                          f"{_abs([ds.metric(r, 'roc_auc') for r in rows])} | {PAPER_TABLE1.get(pool, '')} |")
     return lines + ["", "\\* the paper's three MA figures (0.03, 0.06, 0.09) are for three α its text does not preserve; "
                     "its best is an MA.", ""]
 
 
 def _table_subsets(ds: Dataset, table: str, kind: str, paper: dict, title: str) -> list[str]:
-    lines = [f"### {title}", "", "| CTR user | CTR item | CVR user | CVR item | ROC-AUC lift | PR-AUC lift | paper ROC / PR lift |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"### {title} ({ds.oracle(kind)})", "",
+             "| CTR user | CTR item | CVR user | CVR item | ROC-AUC lift | PR-AUC lift | ROC-AUC | paper ROC / PR lift |",
+             "|---|---|---|---|---|---|---|---|"]
     seen = []
     for r in ds.rows:
         key = tuple(r["derm"])
@@ -157,8 +166,8 @@ def _table_subsets(ds: Dataset, table: str, kind: str, paper: dict, title: str) 
     for key in seen:
         rows = ds.select(table, kind, key, projection=32)
         p = paper.get(key, ("", ""))
-        lines.append("| " + " | ".join(ticks(key)) + f" | {fmt(ds.lifts(rows, 'roc_auc'))} | {fmt(ds.lifts(rows, 'pr_auc'))} | "
-                     f"{p[0]} / {p[1]} |")
+        lines.append("| " + " | ".join(ticks(key)) + f" | {fmt(ds.lifts(rows, 'roc_auc'), seeds=len(ds.seeds))} | {fmt(ds.lifts(rows, 'pr_auc'), seeds=len(ds.seeds))} | "
+                     f"{_abs([ds.metric(r, 'roc_auc') for r in rows])} | {p[0]} / {p[1]} |")
     return lines + [""]
 
 
@@ -172,7 +181,7 @@ def _projection_rows(ds: Dataset) -> list[tuple[int, list[dict]]]:
 
 
 def _appendix_d(ds: Dataset) -> list[str]:
-    lines = ["### Appendix D.1: projection width of the four DERM embeddings → downstream CTR", "",
+    lines = [f"### Appendix D.1: projection width of the four DERM embeddings → downstream CTR ({ds.oracle('ctr')})", "",
              "| projection | DERM width into the MoE | input width F | ROC-AUC lift | PR-AUC lift | train examples/s | vs no projection |",
              "|---|---|---|---|---|---|---|"]
     rows = _projection_rows(ds)
@@ -181,10 +190,10 @@ def _appendix_d(ds: Dataset) -> list[str]:
         rate = statistics.mean(r["train_examples_per_s"] for r in rs)
         if width == 0:
             base_rate = rate
-        derm_width = 4 * (width or 65)
+        derm_width = rs[0].get("derm_width") or (4 * width if width else "4 × (E + 1)")
         rel = f"{rate / base_rate:.2f}x" if base_rate else "–"
         lines.append(f"| {'none' if width == 0 else width} | {derm_width} | {rs[0].get('input_width') or '–'} | "
-                     f"{fmt(ds.lifts(rs, 'roc_auc'))} | {fmt(ds.lifts(rs, 'pr_auc'))} | {rate:,.0f} | {rel} |")
+                     f"{fmt(ds.lifts(rs, 'roc_auc'), seeds=len(ds.seeds))} | {fmt(ds.lifts(rs, 'pr_auc'), seeds=len(ds.seeds))} | {rate:,.0f} | {rel} |")
     return lines + [""]
 
 

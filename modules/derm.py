@@ -29,6 +29,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
 from modules.config import DERMConfig
 from modules.losses import DERMLoss
+from modules.precision import MixedPrecision
 from modules.towers import EntityTower, InteractionTower
 from trainer.data.batch import Batch
 from trainer.data.embedding_tables import embedding_bag_configs, embedding_configs
@@ -86,7 +87,7 @@ class DERMModel(nn.Module):
         return DERMOutput(logits, user[1], pin[1])
 
 
-class DERMTrainTask(nn.Module):
+class DERMTrainTask(MixedPrecision, nn.Module):
     """The model plus its loss; ``forward(batch) -> (loss, (parts, output))`` for train pipelines,
     where ``parts`` holds the detached total (``loss``), its terms and the temperature, for logging
     (``TrainPipelineSparseDist.progress`` returns only the second element)."""
@@ -96,7 +97,8 @@ class DERMTrainTask(nn.Module):
         self.model, self.loss = model, loss
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[dict[str, torch.Tensor], DERMOutput]]:
-        out = self.model(batch)
+        with self.autocast():  # train.mixed_precision; the loss runs in float32 outside it
+            out = self.model(batch)
         loss = self.loss(out.logits, batch.labels, out.user_embedding, out.pin_embedding, batch.pin_id)
         return loss[0], (loss[1], out)  # indexed, not unpacked: see DERMModel.forward
 

@@ -42,6 +42,7 @@ from modules.dhen import DHEN
 from modules.downstream_config import DOWNSTREAM_KINDS, DERMFeature, DownstreamConfig, missing_key
 from modules.losses import MultiTaskBCE
 from modules.moe import MixtureOfDCNExperts
+from modules.precision import MixedPrecision
 from modules.sequence import SequenceEncoder
 from modules.towers import FeatureTokens
 from trainer.data.batch import Batch
@@ -227,7 +228,7 @@ class DownstreamCVR(_Downstream):
         return DownstreamOutput(torch.cat([head(h) for head in self.heads], dim=1), None)
 
 
-class DownstreamTrainTask(nn.Module):
+class DownstreamTrainTask(MixedPrecision, nn.Module):
     """The model plus ``MultiTaskBCE``; ``forward(batch, derm=None) -> (loss, (parts, output))`` like
     :class:`~modules.derm.DERMTrainTask`, with ``parts`` = detached ``loss`` and ``bce/<t>``.
     Without ``derm`` the model reads ``batch.derm``."""
@@ -237,7 +238,8 @@ class DownstreamTrainTask(nn.Module):
         self.model, self.loss = model, loss
 
     def forward(self, batch: Batch, derm: Optional[dict[str, torch.Tensor]] = None):
-        out = self.model(batch, derm)
+        with self.autocast():  # train.mixed_precision; the loss runs in float32 outside it
+            out = self.model(batch, derm)
         loss = self.loss(out.logits, batch.labels)
         parts = {"loss": loss[0].detach()}
         parts.update({f"bce/{t}": loss[1][t].detach() for t in range(self.loss.num_tasks)})

@@ -23,27 +23,14 @@ consistency of the estimator comes from a ``gather`` callable that ``sharding/``
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 DeviceLike = Union[str, torch.device, None]
-
-
-@contextlib.contextmanager
-def full_precision() -> Iterator[None]:
-    """Turns ``torch.autocast`` off (CPU and CUDA) for the enclosed ops: losses always run in
-    float32, on float32 inputs, whatever ``train.mixed_precision`` the forward runs under — the
-    contrastive logits divide by a small temperature, where bfloat16's 3 significant digits are
-    not enough."""
-    with contextlib.ExitStack() as stack:
-        for device_type in ("cpu", "cuda"):
-            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-        yield
 
 
 class FrequencyEstimator(nn.Module):
@@ -360,9 +347,9 @@ class MultiTaskBCE(nn.Module):
         Returns:
             tuple[Tensor, Tensor]: the weighted total (scalar) and the per-task means [T].
         """
-        with full_precision():
-            per_task = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(dim=0)  # [T]
-            total = (per_task * per_task.new_tensor(self.task_weights)).sum()
+        # float32 whatever precision the model ran in (modules/precision.py)
+        per_task = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(dim=0)  # [T]
+        total = (per_task * per_task.new_tensor(self.task_weights)).sum()
         return total, per_task
 
     def extra_repr(self) -> str:
@@ -481,8 +468,7 @@ class DERMLoss(nn.Module):
         # > 0.5 rather than == 1: the same answer on 0/1 labels, and robust to smoothed ones.
         positive = (labels[:, list(self.positive_tasks)] > 0.5).any(dim=1)  # [B]
         bce_total, per_task = self.bce(logits, labels)
-        with full_precision():
-            ssl = self.contrastive(user_emb.float(), pin_emb.float(), pin_ids, positive, log_q)
+        ssl = self.contrastive(user_emb.float(), pin_emb.float(), pin_ids, positive, log_q)
         total = bce_total + self.contrastive_weight * ssl
         parts = {"loss": total.detach()}
         parts.update({f"bce/{t}": per_task[t].detach() for t in range(self.bce.num_tasks)})

@@ -17,6 +17,7 @@ from embeddings.store import EmbeddedStore
 from modules.config import DHENConfig, SequenceConfig
 from modules.downstream_config import DownstreamConfig
 from tests.distributed import run_ranks
+from trainer.data.loader import make_loader
 from trainer.config import DataConfig, TrainConfig, load_config
 from trainer.downstream import DERMJoinConfig, DownstreamRunConfig
 
@@ -56,7 +57,6 @@ def _config(root, store_root, run_dir, kind="cvr", **train) -> DownstreamRunConf
 
 
 def _two_ranks(rank: int, world_size: int, root: str, store_root: str, run_dir: str, users: np.ndarray, kind: str) -> dict:
-    from trainer.data.loader import make_loader
     from trainer.distributed import DistContext
     from trainer.downstream import _trainer_cls, run_downstream
 
@@ -124,8 +124,12 @@ def test_store_without_versions_is_refused_naming_it(tiny_world, tmp_path):
     config = _config(tiny_world, tmp_path / "store", tmp_path / "run")
     config = dataclasses.replace(config, derm=dataclasses.replace(config.derm, features=("ctr_user",)))
     ctx = init_distributed("cpu")
-    with pytest.raises(ValueError, match="ctr_user: its store has no versions"):
+    with pytest.raises(ValueError, match=r"ctr_user: its store EmbeddedStore\('.*ctr-user'\) has no versions"):
         _trainer_cls()(config, ctx)
+    config = dataclasses.replace(config, derm=dataclasses.replace(config.derm, store_root=str(tmp_path / "typo")))
+    with pytest.raises(ValueError, match=r"derm.features ctr_user: no feature store at .*typo/ctr-user"):
+        _trainer_cls()(config, ctx)
+    assert not (tmp_path / "typo").exists()
 
 
 def test_bf16_mixed_precision_trains_with_float32_losses(tiny_world, tmp_path):
@@ -143,8 +147,12 @@ def test_bf16_mixed_precision_trains_with_float32_losses(tiny_world, tmp_path):
     try:
         stats = trainer.train_day(D1)
         metrics = trainer.evaluate(D2)
+        batch = next(iter(make_loader(tiny_world, "cvr", 64, days=[D2])))
+        loss, (parts, out) = trainer.model(batch)
     finally:
         trainer.close()
+    assert out.logits.dtype == out.user_embedding.dtype == torch.bfloat16  # the towers ran under autocast
+    assert loss.dtype == parts["contrastive"].dtype == torch.float32  # the losses did not
     assert stats["steps"] == 3 and np.isfinite(stats["mean_loss"])
     assert 0.0 <= metrics["conversion"]["roc_auc"] <= 1.0
     with pytest.raises(ValueError, match="mixed_precision must be none or bf16"):

@@ -45,23 +45,27 @@ def _config(data, work, **kw) -> PipelineConfig:
 @pytest.mark.slow
 def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_repo):
     work = tmp_path / "work"
-    results = Pipeline(_config(four_days, work)).run()
+    first = Pipeline(_config(four_days, work, days=tuple(DAYS[:2]))).run()
+    # day 1: upstream + lifecycle only (no embeddings of the day before); day 2: all six jobs
+    assert len(first["jobs_submitted"]) == 4 + 6
+    results = Pipeline(_config(four_days, work)).run()  # all three days: only day 3 is left to do
+    assert results["days"] == DAYS and results["downstream_days"] == DAYS[1:] and len(results["jobs_submitted"]) == 6
+    assert all(job.startswith(DAYS[2]) for job in results["jobs_submitted"])
 
-    assert results["days"] == DAYS
-    assert len(results["jobs_submitted"]) == 3 * 6  # per day: 2 upstream, 2 lifecycle, 2 downstream
     for source in ("ctr", "cvr"):
         for day in DAYS:
             assert (work / "upstream" / source / "snapshots" / f"day={day}" / "meta.json").is_file()
         for entity in ("user", "pin"):
             versions = EmbeddedStore(work / "store" / f"{source}-{entity}").versions()
             assert versions == [f"{source}-{entity}-{d}" for d in DAYS]
-        assert sorted(p.name for p in (work / "ann").iterdir()) == [f"{s}-pin-{d}" for s in ("ctr", "cvr") for d in DAYS]
-    # incremental after the first day: each upstream run trained on exactly its own day
-    summary = json.loads((work / "upstream" / "ctr" / "summaries" / f"{DAYS[-1]}.json").read_text())
-    assert summary["mode"] == "incremental" and [d["day"] for d in summary["days"]] == [DAYS[-1]]
+    assert sorted(p.name for p in (work / "ann").iterdir()) == [f"{s}-pin-{d}" for s in ("ctr", "cvr") for d in DAYS]
+    # a run started at day 3 still trains it incrementally, from the day-2 snapshots
+    for model in ("upstream/ctr", "downstream/cvr-derm"):
+        summary = json.loads((work / model / "summaries" / f"{DAYS[-1]}.json").read_text())
+        assert summary["mode"] == "incremental" and [d["day"] for d in summary["days"]] == [DAYS[-1]]
     rows = results["rows"]
     assert [(r["day"], r["eval_day"]) for r in rows if r["model"] == "cvr" and r["label"] == "conversion"] == [
-        ("2026-01-01", "2026-01-02"), ("2026-01-02", "2026-01-03"), ("2026-01-03", "2026-01-04")]
+        ("2026-01-02", "2026-01-03"), ("2026-01-03", "2026-01-04")]
     assert {r["label"] for r in rows} == {"click", "good_click", "conversion", "click_conversion", "view_conversion"}
     assert all(0.0 <= r["roc_auc"] <= 1.0 and r["oracle_roc_auc"] > 0.5 for r in rows)
     assert (work / "results.md").read_text().startswith("| trained | eval |")
@@ -71,6 +75,9 @@ def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_r
     assert again["jobs_submitted"] == []
     assert again["rows"] == rows
     assert {p: p.stat().st_mtime_ns for p in work.rglob("meta.json")} == stamps
+
+    with pytest.raises(ValueError, match=r"made with other settings \(alpha, method differ"):
+        Pipeline(_config(four_days, work, method="acc", alpha=0.0)).run()
 
 
 @pytest.mark.slow
@@ -100,7 +107,7 @@ def test_results_table_shows_lift_against_the_baseline(tmp_path):
             path = pipeline.run_dir(kind, with_derm) / "summaries" / "2026-01-01.json"
             path.parent.mkdir(parents=True)
             path.write_text(json.dumps({"eval": {label: {"roc_auc": auc, "pr_auc": auc / 10, "oracle_roc_auc": 0.8}}}))
-    results = pipeline.results(["2026-01-01"], {"2026-01-01": "2026-01-02"})
+    results = pipeline.results(["2026-01-01"], ["2026-01-01"], {"2026-01-01": "2026-01-02"})
     (ctr, cvr) = results["rows"]
     assert ctr["roc_auc_lift_pct"] == pytest.approx(10.0) and cvr["pr_auc_lift_pct"] == pytest.approx(10.0)
     table = results_table(results)

@@ -88,10 +88,8 @@ class TrainConfig:
     pipeline: bool = True
     """Use TorchRec's TrainPipelineSparseDist (input distribution overlapped with compute)."""
     mixed_precision: str = "none"
-    """none, or bf16: the dense forward (towers, DHEN, cross nets) under ``torch.autocast`` in
-    bfloat16. Embedding tables, optimizer state and the losses stay float32 (the BCE and the
-    contrastive softmax are autocast to float32), so no loss scaling is needed. fp16 is not offered:
-    it would need a gradient scaler around the fused embedding optimizers."""
+    """none, or bf16: the model's dense forward under ``torch.autocast`` in bfloat16; tables,
+    optimizer state and losses stay float32 (``modules/precision.py``)."""
 
 
 @dataclass(frozen=True)

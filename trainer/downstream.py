@@ -122,7 +122,11 @@ def _trainer_cls():
             sources = []
             for name in d.features:
                 store_name = d.store_name(name)
-                store = open_store(str(Path(d.store_root) / store_name), d.redis_url or None, store_name)
+                path = Path(d.store_root) / store_name
+                if not d.redis_url and not path.is_dir():  # opening would create it, empty
+                    raise ValueError(f"derm.features {name}: no feature store at {path} (derm.store_root = {d.store_root!r}); "
+                                     "publish its embeddings there first (embeddings/daily.py)")
+                store = open_store(str(path), d.redis_url or None, store_name)
                 source, entity = store_name.split("-")
                 pattern = d.version_pattern.replace("{source}", source).replace("{entity}", entity)
                 sources.append(DERMSource(name, store, entity, pattern))

@@ -57,6 +57,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # dense init; DDP also broadcasts rank 0's weights
         self.model_config = config.model  # what snapshots record and are checked against
         task = self._build_task()
+        task.set_mixed_precision(config.train.mixed_precision, ctx.device.type)
         self.model, self.optimizer = shard_model(task, ctx.device, config.optimizer)
         self.labels = task.model.labels
         self.global_step = 0
@@ -77,11 +78,6 @@ class Trainer:
     def _prepare(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """Batches as the model reads them (the downstream trainer joins DERM embeddings here)."""
         return batches
-
-    def _autocast(self):
-        """``train.mixed_precision``: the forward under bfloat16 autocast (losses stay float32)."""
-        enabled = self.config.train.mixed_precision == "bf16"
-        return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ---- training ---------------------------------------------------------------------------
     def train_day(self, day: str, start_step: int = 0, max_steps: int = 0) -> dict[str, Any]:
@@ -131,8 +127,7 @@ class Trainer:
             try:
                 while True:
                     try:
-                        with self._autocast():  # backward runs inside progress(), as autocast wants
-                            parts, _ = pipeline.progress(batches)
+                        parts, _ = pipeline.progress(batches)
                     except StopIteration:
                         break
                     yield parts
@@ -140,8 +135,7 @@ class Trainer:
                 pipeline.detach()  # restores the model's own forward for evaluation and saving
             return
         for batch in batches:
-            with self._autocast():
-                loss, (parts, _) = self.model(batch.to(device))
+            loss, (parts, _) = self.model(batch.to(device))
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -174,8 +168,7 @@ class Trainer:
         for _ in range(steps):
             nxt = next(it, None)
             batch, keep = (nxt, True) if nxt is not None else (batch, False)
-            with self._autocast():
-                _, (_, out) = self.model(batch.to(self.ctx.device))
+            _, (_, out) = self.model(batch.to(self.ctx.device))
             if keep:
                 preds.append(torch.sigmoid(out.logits.float()).cpu())
                 labels.append(batch.labels)

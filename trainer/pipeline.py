@@ -9,8 +9,12 @@ One day ``d`` (all but the last day of the data, each evaluated on the next)::
     stage 1  upstream ctr, upstream cvr        trainer/main.py (initial on the first day, then incremental)
     stage 2  lifecycle ctr, lifecycle cvr      embeddings/daily.py: infer d, aggregate, publish version d
     stage 3  downstream ctr + cvr models       trainer/downstream.py: train d reading versions d-1,
-             (with DERM, and the no-DERM        evaluate d+1 reading versions d
-             baseline, unless --no-baseline)
+             (with DERM, and the no-DERM        evaluate d+1 reading versions d; from the first day
+             baseline, unless baseline=false)   that has versions d-1 (so not on the data's first day)
+
+Upstream and downstream models train ``initial`` on their first day and ``incremental`` from the
+previous snapshot after it. The settings the outputs depend on are kept in ``work/pipeline.json``;
+a re-run with other settings is refused rather than mixing outputs.
 
 Jobs of one stage run concurrently (``max_parallel``). Outputs, under ``work``::
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -132,7 +137,7 @@ class Pipeline:
         missing = [s for s in SOURCES if s not in spec.source_names]
         if missing:
             raise ValueError(f"{self.data / 'spec.toml'}: the pipeline needs sources {list(SOURCES)}; it has {spec.source_names}")
-        on_disk = sorted(set.intersection(*(set(_days(self.data / s)) for s in SOURCES)))
+        on_disk = self._on_disk()
         if len(on_disk) < 2:
             raise ValueError(f"{self.data}: the pipeline needs at least two days of both sources; it has {on_disk}")
         days = list(self.config.days) or on_disk[:-1]
@@ -141,12 +146,30 @@ class Pipeline:
             raise ValueError(f"days {bad}: each day needs data and a later day to evaluate on; {self.data} has {on_disk}")
         return days, {d: on_disk[on_disk.index(d) + 1] for d in days}
 
-    def stages(self, day: str, first: bool, eval_day: str) -> list[list[Step]]:
+    def stages(self, day: str, eval_day: str) -> list[list[Step]]:
         return [
-            [self._upstream(s, day, first) for s in SOURCES],
+            [self._upstream(s, day) for s in SOURCES],
             [self._lifecycle(s, day) for s in SOURCES],
-            [self._downstream(kind, derm, day, first, eval_day) for kind in SOURCES for derm in self._variants()],
+            [self._downstream(kind, derm, day, eval_day) for kind in SOURCES for derm in self._variants()],
         ]
+
+    def has_yesterday(self, day: str) -> bool:
+        """Whether both sources published the day before ``day``: the downstream models of a day
+        train on its embeddings, so they start on the first day that has them (before it, the DERM
+        projection would train on zeros alone and meet real embeddings only at evaluation)."""
+        from embeddings.daily import is_published
+
+        on_disk = self._on_disk()
+        i = on_disk.index(day)
+        return i > 0 and all(is_published(self.work, s, on_disk[i - 1], self.config.ann) for s in SOURCES)
+
+    def _on_disk(self) -> list[str]:
+        return sorted(set.intersection(*(set(_days(self.data / s)) for s in SOURCES)))
+
+    @staticmethod
+    def _trained_before(run_dir: Path, day: str) -> bool:
+        """A snapshot of an earlier day exists: train ``day`` incrementally from it."""
+        return any(p.name[4:] < day and (p / "meta.json").is_file() for p in (run_dir / "snapshots").glob("day=*"))
 
     def _variants(self) -> list[bool]:
         return [True, False] if self.config.baseline else [True]
@@ -155,17 +178,17 @@ class Pipeline:
         c = self.config
         return {"image": c.image, "j": c.j, "cpu": c.cpu, "gpu": c.gpu, "memMB": c.memMB}
 
-    def _upstream(self, source: str, day: str, first: bool) -> Step:
+    def _upstream(self, source: str, day: str) -> Step:
         from torchx_components import train
 
         run_dir = self.work / "upstream" / source
         args = [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={run_dir}",
                 "--train.overwrite=true", '--train.eval_day="none"', "--data.synthetic_preset=", *self.config.upstream_overrides]
 
-        def app():
-            if first:
-                return train.initial(*args, days=day, name=f"derm/upstream-{source}-{day}", **self._resources())
-            return train.incremental(*args, day=day, name=f"derm/upstream-{source}-{day}", **self._resources())
+        def app():  # decided at submission, once the earlier days are done
+            if self._trained_before(run_dir, day):
+                return train.incremental(*args, day=day, name=f"derm/upstream-{source}-{day}", **self._resources())
+            return train.initial(*args, days=day, name=f"derm/upstream-{source}-{day}", **self._resources())
 
         return Step(f"upstream {source}", lambda: (run_dir / "snapshots" / f"day={day}" / "meta.json").is_file(), app)
 
@@ -180,12 +203,12 @@ class Pipeline:
             return lifecycle.daily(str(snapshot), str(self.data), day, str(self.work), method=c.method, alpha=c.alpha,
                                    ann=c.ann, name=f"derm/lifecycle-{source}-{day}", **self._resources())
 
-        return Step(f"lifecycle {source}", lambda: is_published(self.work, source, day), app)
+        return Step(f"lifecycle {source}", lambda: is_published(self.work, source, day, c.ann), app)
 
     def run_dir(self, kind: str, with_derm: bool) -> Path:
         return self.work / "downstream" / f"{kind}-{'derm' if with_derm else 'baseline'}"
 
-    def _downstream(self, kind: str, with_derm: bool, day: str, first: bool, eval_day: str) -> Step:
+    def _downstream(self, kind: str, with_derm: bool, day: str, eval_day: str) -> Step:
         from torchx_components import downstream
 
         c = self.config
@@ -195,9 +218,8 @@ class Pipeline:
                 f"--derm.features={json.dumps(features)}", f"--derm.store_root={self.work / 'store'}",
                 f"--model.features={json.dumps(list(c.downstream_features))}", "--data.synthetic_preset=",
                 *c.downstream_overrides]
-        mode = {"mode": "initial", "days": day} if first else {"mode": "incremental", "day": day}
-
         def app():
+            mode = {"mode": "incremental", "day": day} if self._trained_before(run_dir, day) else {"mode": "initial", "days": day}
             return downstream.train(*args, kind=kind, eval_day=eval_day, name=f"derm/downstream-{run_dir.name}-{day}",
                                     **mode, **self._resources())
 
@@ -208,12 +230,20 @@ class Pipeline:
         from torchx.runner import get_runner
 
         days, eval_days = self.days()
+        self._check_settings()
         log.info("pipeline over %s (%d day(s)) on %s; work %s", ", ".join(days), len(days), self.config.scheduler, self.work)
+        downstream_days = []
         with get_runner() as runner:
-            for i, day in enumerate(days):
-                for stage in self.stages(day, i == 0, eval_days[day]):
-                    self._run_stage(runner, day, stage)
-        results = self.results(days, eval_days)
+            for day in days:
+                upstream, lifecycle, downstream = self.stages(day, eval_days[day])
+                self._run_stage(runner, day, upstream)
+                self._run_stage(runner, day, lifecycle)
+                if not self.has_yesterday(day):
+                    log.info("%s downstream models start on the first day with yesterday's embeddings: not this one", day)
+                    continue
+                self._run_stage(runner, day, downstream)
+                downstream_days.append(day)
+        results = self.results(days, downstream_days, eval_days)
         self._write_results(results)
         return results
 
@@ -229,6 +259,28 @@ class Pipeline:
             cfg.setdefault("log_dir", str(self.work / "logs"))
         return cfg
 
+    def settings(self) -> dict[str, Any]:
+        """What the outputs under ``work`` depend on (not where or how the jobs run)."""
+        c = self.config
+        keys = ("data", "method", "alpha", "ann", "derm", "downstream_features", "upstream_overrides", "downstream_overrides")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(c, k)) for k in keys)}
+
+    def _check_settings(self) -> None:
+        """Refuses to continue a work folder made with other settings: its finished steps would be
+        skipped and reported under settings they were not made with."""
+        path = self.work / "pipeline.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            differ = sorted(k for k in set(saved) | set(self.settings()) if saved.get(k) != self.settings().get(k))
+            if differ:
+                raise ValueError(f"{self.work} was made with other settings ({', '.join(differ)} differ; see {path}); "
+                                 "use another work folder, or remove this one to start over")
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".pipeline.json.tmp")
+        tmp.write_text(json.dumps(self.settings(), indent=1))
+        os.replace(tmp, path)
+
     def _run_stage(self, runner, day: str, steps: list[Step]) -> None:
         todo = [s for s in steps if not s.done()]
         for s in steps:
@@ -243,20 +295,28 @@ class Pipeline:
                 self.submitted.append(f"{day} {s.name}")
                 log.info("%s %-26s submitted: %s", day, s.name, handle)
                 handles.append((s, handle, time.perf_counter()))
-            for s, handle, t0 in handles:
+            for i, (s, handle, t0) in enumerate(handles):
                 status = runner.wait(handle, wait_interval=1)
                 state = status.state.name if status is not None else "UNKNOWN"
+                problem = None
                 if state != "SUCCEEDED":
-                    raise PipelineError(f"{day} {s.name}: job {handle} ended {state}\n{_log_tail(runner, handle)}")
-                if not s.done():
-                    raise PipelineError(f"{day} {s.name}: job {handle} succeeded but left no output for {day}")
+                    problem = f"{day} {s.name}: job {handle} ended {state}\n{_log_tail(runner, handle)}"
+                elif not s.done():
+                    problem = f"{day} {s.name}: job {handle} succeeded but left no output for {day}"
+                if problem:
+                    # Stop the stage's other jobs before failing: a retry of the pipeline must not
+                    # find them still writing the outputs it is about to redo.
+                    for _, other, _ in handles[i + 1:]:
+                        runner.cancel(other)
+                        runner.wait(other, wait_interval=1)
+                    raise PipelineError(problem)
                 log.info("%s %-26s succeeded in %.0f s", day, s.name, time.perf_counter() - t0)
 
     # ---- results ----------------------------------------------------------------------------
-    def results(self, days: list[str], eval_days: dict[str, str]) -> dict[str, Any]:
-        """Per day and downstream model: eval metrics with DERM, without (baseline), and the lift."""
+    def results(self, days: list[str], downstream_days: list[str], eval_days: dict[str, str]) -> dict[str, Any]:
+        """Per downstream day and model: eval metrics with DERM, without (baseline), and the lift."""
         rows = []
-        for day in days:
+        for day in downstream_days:
             for kind in SOURCES:
                 runs = {v: _read_json(self.run_dir(kind, v) / "summaries" / f"{day}.json") for v in self._variants()}
                 for label, m in runs[True]["eval"].items():
@@ -268,7 +328,7 @@ class Pipeline:
                                    roc_auc_lift_pct=100 * (m["roc_auc"] / b["roc_auc"] - 1),
                                    pr_auc_lift_pct=100 * (m["pr_auc"] / b["pr_auc"] - 1))
                     rows.append(row)
-        return {"days": days, "derm": list(self.config.derm), "method": self.config.method, "alpha": self.config.alpha,
+        return {"days": days, "downstream_days": downstream_days, "derm": list(self.config.derm), "method": self.config.method, "alpha": self.config.alpha,
                 "rows": rows, "jobs_submitted": self.submitted}
 
     def _write_results(self, results: dict[str, Any]) -> None:
