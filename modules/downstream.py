@@ -71,6 +71,7 @@ class DERMProjection(nn.Module):
     def __init__(self, features: tuple[DERMFeature, ...], device=None) -> None:
         super().__init__()
         self.names = [f.name for f in features]
+        self.norm = nn.ModuleDict({f.name: nn.BatchNorm1d(f.dim, device=device) for f in features if f.standardize})
         self.proj = nn.ModuleDict(
             {f.name: nn.Linear(f.dim + 1, f.projection_dim, device=device) if f.projection_dim else nn.Identity() for f in features}
         )
@@ -82,7 +83,10 @@ class DERMProjection(nn.Module):
 
     def parts(self, derm: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """``derm`` (see the module docstring) → one [B, P_k] tensor per embedding, in config order."""
-        return [self.proj[k](torch.cat([derm[k], derm[missing_key(k)]], dim=1)) for k in self.names]
+        return [self.proj[k](torch.cat([self._standardize(k, derm[k]), derm[missing_key(k)]], dim=1)) for k in self.names]
+
+    def _standardize(self, name: str, emb: torch.Tensor) -> torch.Tensor:
+        return self.norm[name](emb) if name in self.norm else emb
 
     def forward(self, derm: dict[str, torch.Tensor]) -> torch.Tensor:
         """``derm`` → [B, P], the parts concatenated in config order."""

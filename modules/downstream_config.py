@@ -31,6 +31,11 @@ class DERMFeature:
     projection_dim: int = 32
     """Width after the projection layer (Appendix D.1: cheaper DCNv2, small AUC cost); 0 passes the
     embedding and its indicator through unprojected (E_k + 1 wide)."""
+    standardize: bool = False
+    """Standardize each dimension of the embedding over the batch (``BatchNorm1d``, running
+    statistics at evaluation) before the projection. Daily pooled embeddings are L2-normalized and
+    share a large common direction: what tells entities apart is small per-dimension spread that a
+    freshly initialised projection cannot see until it has grown large weights."""
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -198,3 +198,17 @@ def test_bad_configs_name_the_field(tiny_world):
         build_downstream(spec, "ctr", _config(0), kind="dlrm")
     with pytest.raises(ValueError, match="task_weights has 1 entries"):
         build_downstream(spec, "ctr", _config(0, task_weights=(1.0,)))
+
+
+def test_standardized_embeddings_spread_out_before_the_projection():
+    torch.manual_seed(0)
+    # unit vectors around one shared direction, as daily pools are: tiny per-dimension spread
+    common = torch.nn.functional.normalize(torch.randn(1, 6), dim=1)
+    emb = torch.nn.functional.normalize(common + 0.03 * torch.randn(64, 6), dim=1)
+    proj = DERMProjection((DERMFeature("ctr_user", 6, 0, standardize=True),))
+    derm = {"ctr_user": emb, "ctr_user_missing": torch.zeros(64, 1)}
+    out = proj(derm)[:, :6]  # width 0: the standardized embedding, passed through
+    assert emb.std(0).max() < 0.1 and torch.allclose(out.std(0, unbiased=False), torch.ones(6), atol=0.02)
+    proj.eval()  # evaluation uses the running statistics, so one row alone is fine
+    assert torch.isfinite(proj({"ctr_user": emb[:1], "ctr_user_missing": torch.zeros(1, 1)})).all()
+    assert DERMProjection((DERMFeature("ctr_user", 6, 3),)).norm.keys() == set()  # off by default

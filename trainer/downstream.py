@@ -59,6 +59,9 @@ class DERMJoinConfig:
     """A row of day d reads the version of day d − lag_days (1: yesterday's, no leakage)."""
     projection_dim: int = 32
     """Width of each embedding after the projection layer (Appendix D.1); 0: no projection."""
+    standardize: bool = False
+    """Standardize each embedding dimension over the batch before the projection (BatchNorm1d;
+    see ``modules.downstream_config.DERMFeature.standardize``)."""
 
     def __post_init__(self) -> None:
         for name in self.features:
@@ -131,7 +134,7 @@ def _trainer_cls():
                 pattern = d.version_pattern.replace("{source}", source).replace("{entity}", entity)
                 sources.append(DERMSource(name, store, entity, pattern))
             self.join = DERMFeatureJoin(sources, lag_days=d.lag_days) if sources else None
-            features = tuple(DERMFeature(s.name, DERMFeatureJoin._width(s), d.projection_dim) for s in sources)
+            features = tuple(DERMFeature(s.name, DERMFeatureJoin._width(s), d.projection_dim, d.standardize) for s in sources)
             self.model_config = dataclasses.replace(cfg.model, derm=features)
             if features:
                 log.info("DERM features: %s", ", ".join(f"{f.name} ({f.dim} -> {f.output_dim})" for f in features))
