@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_infer.py
 	$(PY) bench/bench_aggregate.py
 	$(PY) bench/bench_serving.py
+	$(PY) bench/bench_projection.py
 
 clean:
 	rm -rf runs .pytest_cache
