@@ -1,0 +1,63 @@
+"""What the published DERM embeddings know about the synthetic world's planted truth: a linear
+probe (ridge regression on standardized embeddings, 80/20 split of the entities) from each
+embedding to each entity's true attributes, reported as held-out R².
+
+It answers "why is the lift small?" with data: an embedding that cannot linearly predict a user's
+click propensity (``bias``) or a Pin's ``quality`` cannot hand them to a downstream model either.
+The truth is the world's own (``DATA/truth/users.parquet``, ``pins.parquet``; see docs/data.md).
+
+Usage::
+
+    python experiments/probe.py --data runs/data/small --stores runs/experiments/small/seed=0/store/ma0.9 \\
+        --day 2026-01-06
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from embeddings.store import EmbeddedStore  # noqa: E402
+
+TARGETS = {"user": ("bias", "activity", "shopper"), "pin": ("bias", "quality", "popularity")}
+
+
+def probe_r2(x: np.ndarray, y: np.ndarray, seed: int = 0, ridge: float = 1.0) -> float:
+    """Held-out R² of a ridge regression of ``y`` on ``x`` (80/20 split)."""
+    x = (x - x.mean(0)) / (x.std(0) + 1e-9)
+    order = np.random.default_rng(seed).permutation(len(y))
+    train, test = order[: len(y) * 4 // 5], order[len(y) * 4 // 5:]
+    a = np.c_[x[train], np.ones(train.size)]
+    w = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ y[train])
+    pred = np.c_[x[test], np.ones(test.size)] @ w
+    return float(1 - ((y[test] - pred) ** 2).sum() / ((y[test] - y[test].mean()) ** 2).sum())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="experiments/probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="synthetic world root (with truth/)")
+    p.add_argument("--stores", required=True, help="folder of the stores ctr-user, ctr-pin, cvr-user, cvr-pin")
+    p.add_argument("--day", required=True, help="the version's day")
+    args = p.parse_args(argv)
+    print("| embedding | entities | held-out R² per planted attribute |")
+    print("|---|---|---|")
+    for source in ("ctr", "cvr"):
+        for entity, targets in TARGETS.items():
+            truth = pq.read_table(Path(args.data) / "truth" / f"{entity}s.parquet")
+            store = EmbeddedStore(Path(args.stores) / f"{source}-{entity}")
+            emb, hit = store.get(truth.column(f"{entity}_id").to_numpy(), version=f"{source}-{entity}-{args.day}")
+            r2 = [probe_r2(emb[hit], truth.column(t).to_numpy()[hit].astype(float)) for t in targets]
+            cells = ", ".join(f"{t} {v:.3f}" for t, v in zip(targets, r2))
+            print(f"| {source}_{entity} | {int(hit.sum()):,} | {cells} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
