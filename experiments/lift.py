@@ -128,12 +128,15 @@ def protocol(dataset: str, days: list[str]) -> Protocol:
                         {"data": {"batch_size": 512 if dataset == "tiny" else 2048}})
     if dataset == "movielens":
         # Sparse days: evaluate on the last 14 days together, train downstream on the 14 before,
-        # and publish embeddings from a week before those on (MA needs a history).
+        # and publish embeddings from a week before those on (MA needs a history). The upstream
+        # models train on the 16 weeks before the evaluation window (about half the ratings; the
+        # downstream models see the last two of those weeks).
         eval_days, train_days = days[-14:], days[-28:-14]
+        start = (dt.date.fromisoformat(eval_days[0]) - dt.timedelta(weeks=16)).isoformat()
         first = (dt.date.fromisoformat(train_days[0]) - dt.timedelta(days=8)).isoformat()
         embed = [d for d in days[:-1] if d >= first]
-        return Protocol(days[:-1], embed, train_days, eval_days, MOVIELENS_DOWNSTREAM_FEATURES,
-                        {"data": {"batch_size": 1024}}, {"data": {"batch_size": 1024}})
+        return Protocol([d for d in days[:-1] if d >= start], embed, train_days, eval_days, MOVIELENS_DOWNSTREAM_FEATURES,
+                        {"data": {"batch_size": 2048}}, {"data": {"batch_size": 1024}})
     raise ValueError(f"unknown dataset {dataset!r}: tiny, small or movielens")
 
 

@@ -57,6 +57,7 @@ def test_protocols_never_evaluate_on_a_trained_or_unpublished_day():
     assert not set(p.train_days) & set(p.eval_days) and max(p.train_days) < min(p.eval_days)
     previous = {d: ml_days[ml_days.index(d) - 1] for d in p.train_days + p.eval_days}
     assert set(previous.values()) <= set(p.embed_days)  # every row's day d - 1 has a published version
+    assert set(p.embed_days) <= set(p.upstream_days)  # embedded right after the upstream trained that day
 
 
 @pytest.mark.slow
