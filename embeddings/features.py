@@ -99,13 +99,14 @@ class DERMFeatureJoin:
                     emb = np.zeros((ids.size, values.shape[1]), np.float32)
                 emb[rows], found[rows] = values * hit[:, None], hit
             if emb is None:  # nothing published for any row: width from the newest version
-                emb = np.zeros((ids.size, self._width(source)), np.float32)
+                emb = np.zeros((ids.size, self.width(source)), np.float32)
             out[source.name] = torch.from_numpy(emb)
             out[missing_key(source.name)] = torch.from_numpy((~found).astype(np.float32)[:, None])
         return out
 
     @staticmethod
-    def _width(source: DERMSource) -> int:
+    def width(source: DERMSource) -> int:
+        """The embedding width of ``source``: its newest version's."""
         versions = source.store.versions()
         if not versions:
             raise ValueError(f"DERM feature {source.name}: its store {source.store!r} has no versions at all; publish one first")

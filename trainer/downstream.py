@@ -134,7 +134,7 @@ def _trainer_cls():
                 pattern = d.version_pattern.replace("{source}", source).replace("{entity}", entity)
                 sources.append(DERMSource(name, store, entity, pattern))
             self.join = DERMFeatureJoin(sources, lag_days=d.lag_days) if sources else None
-            features = tuple(DERMFeature(s.name, DERMFeatureJoin._width(s), d.projection_dim, d.standardize) for s in sources)
+            features = tuple(DERMFeature(s.name, DERMFeatureJoin.width(s), d.projection_dim, d.standardize) for s in sources)
             self.model_config = dataclasses.replace(cfg.model, derm=features)
             if features:
                 log.info("DERM features: %s", ", ".join(f"{f.name} ({f.dim} -> {f.output_dim})" for f in features))

@@ -268,17 +268,17 @@ class Pipeline:
     def _check_settings(self) -> None:
         """Refuses to continue a work folder made with other settings: its finished steps would be
         skipped and reported under settings they were not made with."""
-        path = self.work / "pipeline.json"
+        path, now = self.work / "pipeline.json", self.settings()
         if path.is_file():
             saved = json.loads(path.read_text())
-            differ = sorted(k for k in set(saved) | set(self.settings()) if saved.get(k) != self.settings().get(k))
+            differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             if differ:
                 raise ValueError(f"{self.work} was made with other settings ({', '.join(differ)} differ; see {path}); "
                                  "use another work folder, or remove this one to start over")
             return
         self.work.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".pipeline.json.tmp")
-        tmp.write_text(json.dumps(self.settings(), indent=1))
+        tmp.write_text(json.dumps(now, indent=1))
         os.replace(tmp, path)
 
     def _run_stage(self, runner, day: str, steps: list[Step]) -> None:
