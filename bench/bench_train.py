@@ -174,7 +174,8 @@ def _build(job: dict):
     if world > 1:
         torch.set_num_threads(1)
     torch.manual_seed(0)
-    dist.init_process_group("gloo", rank=rank, world_size=world)  # shard_model needs a group, also for 1 rank
+    # shard_model needs a group, also for 1 rank; the ranks meet through a file store (no port to race for)
+    dist.init_process_group("gloo", init_method=f"file://{job['store']}", rank=rank, world_size=world)
     cpu = torch.device("cpu")
     spec = _spec(job["config"], job["data"])
     loader = make_loader(job["data"], SOURCE, batch_size=job["batch"], rank=rank, world_size=world, spec=spec)
@@ -261,16 +262,18 @@ class _Group:
     """The rank processes of one path of one configuration."""
 
     def __init__(self, job: dict, tmp: Path) -> None:
-        from trainer.distributed import free_port
-
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.pop(var, None)
         if job["world"] > 1:  # as torchrun: one thread per rank
             env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        name = f"{job['config']}-{job['path']}-{job['world']}"
+        fd, store = tempfile.mkstemp(prefix=f"{name}-", suffix=".store", dir=tmp)  # empty and new: a file store
+        os.close(fd)
+        job = {**job, "store": store}
         self.job, self.procs, self.logs, self.steps = job, [], [], []
         for rank in range(job["world"]):
-            self.logs.append(tmp / f"{job['config']}-{job['path']}-{job['world']}-{rank}.log")
+            self.logs.append(tmp / f"{name}-{rank}.log")
             args = [sys.executable, __file__, "--child", json.dumps({**job, "rank": rank})]
             with open(self.logs[-1], "w") as log:
                 self.procs.append(

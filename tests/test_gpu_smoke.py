@@ -24,7 +24,6 @@ written (see docs/cluster.md, "What has run on a GPU").
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +42,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ctx():
     """A one-rank nccl group on cuda:0, as trainer.distributed.init_distributed makes under torchrun."""
@@ -57,7 +50,7 @@ def ctx():
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process; run this file on its own")
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield DistContext(0, 1, 0, torch.device("cuda", 0), "nccl")
     finally:

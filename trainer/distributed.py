@@ -1,11 +1,10 @@
 """Joining the process group: under torchrun / TorchX (RANK, WORLD_SIZE, MASTER_ADDR set) or as a
-plain single process (a one-rank gloo group on a free loopback port), choosing CPU+gloo or
-CUDA+nccl once."""
+plain single process (a one-rank group on an in-memory store: no port to pick, so nothing to race
+for), choosing CPU+gloo or CUDA+nccl once."""
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,14 +30,17 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device = cuda but CUDA is not available here; use cpu or auto")
-    if "RANK" not in os.environ:  # a plain `python trainer/main.py`: one rank
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:  # torchrun / TorchX: the env:// rendezvous they set up
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a plain `python trainer/main.py`: one rank. A TCP store on a probed "free" port
+            # can lose that port to another process before it binds (EADDRINUSE in CI).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
@@ -49,9 +51,3 @@ def shutdown() -> None:
         dist.barrier()
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now (for a local rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
