@@ -14,6 +14,7 @@ Also checked: the component groups are registered entry points without their hel
 
 from __future__ import annotations
 
+import inspect
 import shlex
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import pytest
 import yaml
 from torchx.runner import get_runner
 from torchx.specs import AppDef
+from torchx.specs.file_linter import get_fn_docstring
 from torchx.specs.finder import get_components
 
 from torchx_components import downstream, lifecycle, pipeline, train
@@ -241,6 +243,18 @@ def test_component_groups_are_registered_without_helpers():
         assert components[name].fn is getattr(modules[group], fn)
     helpers = [c.fn_name for c in components.values() if c.fn_name.startswith("_") or c.fn_name == "python_module_job"]
     assert helpers == []
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_component_parameter_has_its_help_line(name):
+    """The shared job parameters are documented once (jobs.JOB_ARG_DOCS) and added to each
+    component's Args: ``--help`` must still describe every parameter, not TorchX's bare default."""
+    group, fn_name = name.split(".")
+    fn = getattr({"train": train, "lifecycle": lifecycle, "downstream": downstream, "pipeline": pipeline}[group], fn_name)
+    _, described = get_fn_docstring(fn)
+    for param in inspect.signature(fn).parameters:
+        assert described[param].strip(), f"{name}: --{param} has no help line"
+    assert fn.__doc__.count("\n    image:") == 1  # added once, not again on re-import
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,13 @@ from typing import Dict, List, Optional
 
 import torchx.specs as specs
 
-from torchx_components.jobs import split_days, torchrun_job
+from torchx_components.jobs import documented_job_args, split_days, torchrun_job
 from torchx_components.train import DERM_IMAGE, _trainer_args
 
 DOWNSTREAM_SCRIPT = "trainer/downstream.py"
 
 
+@documented_job_args
 def train(
     *overrides: str,
     kind: str = "ctr",
@@ -57,19 +58,6 @@ def train(
         day: incremental mode: the day to train
         eval_day: held-out day to evaluate, or none; empty: the day after the last trained one
         config: trainer config file; empty: the defaults plus the overrides
-        image: container image with the project at its WORKDIR (ignored by local_cwd)
-        name: job name
-        j: [{min_nnodes}:]{nnodes}x{nproc_per_node}; on GPU nodes nproc_per_node must not exceed the node's GPUs
-        h: a registered named resource per node; takes precedence over cpu, gpu, memMB
-        cpu: CPUs per node
-        gpu: GPUs per node
-        memMB: memory per node in MB
-        env: extra environment variables of the job
-        max_retries: how many times the scheduler may restart the job after a failure
-        rdzv_port: port on rank 0's host for the c10d rendezvous store (multi-node only)
-        rdzv_backend: torchrun rendezvous backend (multi-node only; c10d or static)
-        mounts: mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly]
-        debug: run with PyTorch's distributed debug flags set
     """
     if kind not in ("ctr", "cvr"):
         raise ValueError(f"--kind {kind!r}: expected ctr or cvr")

@@ -1,9 +1,43 @@
 """Helpers the component modules share. Not a component group itself: TorchX lists every function
 returning an AppDef in a registered group, so these live outside ``train``/``dist``."""
-from typing import Any, Dict, List, Optional
+import inspect
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import torchx.specs as specs
 from torchx.components import dist as builtin_dist
+
+
+# The job parameters every component shares, documented once: ``documented_job_args`` adds these
+# lines to a component's ``Args:`` (what ``torchx run COMPONENT --help`` prints).
+JOB_ARG_DOCS = {
+    "image": "container image with the project at its WORKDIR (ignored by local_cwd, which runs the working tree)",
+    "name": "job name, ``{experimentname}/{runname}``, ``/{runname}`` or ``{runname}``",
+    "j": "[{min_nnodes}:]{nnodes}x{nproc_per_node}; on GPU nodes nproc_per_node must not exceed the node's GPUs",
+    "h": "a registered named resource per node (e.g. aws_p4d.24xlarge); takes precedence over cpu, gpu, memMB",
+    "cpu": "CPUs per node",
+    "gpu": "GPUs per node",
+    "memMB": "memory per node in MB",
+    "env": "extra environment variables of the job (e.g. ENV1=v1,ENV2=v2)",
+    "max_retries": "how many times the scheduler may restart the job after a failure",
+    "rdzv_port": "port on rank 0's host for the c10d rendezvous store (multi-node only)",
+    "rdzv_backend": "torchrun rendezvous backend (multi-node only; c10d or static)",
+    "mounts": "mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly] (see the scheduler's docs)",
+    "debug": "run with PyTorch's distributed debug flags set (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)",
+}
+
+Component = TypeVar("Component", bound=Callable[..., specs.AppDef])
+
+
+def documented_job_args(component: Component) -> Component:
+    """Appends to ``component``'s ``Args:`` the shared job parameters of its signature that its
+    docstring does not describe itself (TorchX reads the docstring through ``inspect.getdoc``)."""
+    doc = inspect.getdoc(component) or ""
+    if "\nArgs:\n" not in f"\n{doc}":
+        raise ValueError(f"{component.__name__}: the docstring needs an Args: section")
+    documented = {line.strip().split(":", 1)[0] for line in doc.split("\nArgs:\n", 1)[1].splitlines()}
+    missing = [p for p in inspect.signature(component).parameters if p in JOB_ARG_DOCS and p not in documented]
+    component.__doc__ = doc + "".join(f"\n    {p}: {JOB_ARG_DOCS[p]}" for p in missing)
+    return component
 
 
 def _one_gpu_per_rank(app: specs.AppDef, j: str) -> specs.AppDef:

@@ -15,13 +15,14 @@ from typing import Dict, List, Optional
 
 import torchx.specs as specs
 
-from torchx_components.jobs import python_module_job, split_days, torchrun_job
+from torchx_components.jobs import documented_job_args, python_module_job, split_days, torchrun_job
 from torchx_components.train import DERM_IMAGE
 
 INFER_SCRIPT = "embeddings/infer.py"
 DAILY_SCRIPT = "embeddings/daily.py"
 
 
+@documented_job_args
 def infer(
     snapshot: str,
     data: str,
@@ -53,16 +54,6 @@ def infer(
         out: output root of the daily embeddings
         batch_size: rows per forward per rank
         overwrite: replace days that already have output
-        image: container image with the project at its WORKDIR (ignored by local_cwd)
-        name: job name
-        j: [{min_nnodes}:]{nnodes}x{nproc_per_node}
-        h: a registered named resource per node; takes precedence over cpu, gpu, memMB
-        cpu: CPUs per node
-        gpu: GPUs per node
-        memMB: memory per node in MB
-        env: extra environment variables of the job
-        max_retries: how many times the scheduler may restart the job after a failure
-        mounts: mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly]
     """
     args = ["--snapshot", snapshot, "--data", data, "--days", ",".join(split_days(days)), "--out", out,
             "--batch-size", str(batch_size), *(["--overwrite"] if overwrite else [])]
@@ -70,6 +61,7 @@ def infer(
                         max_retries=max_retries, mounts=mounts)
 
 
+@documented_job_args
 def aggregate(
     emb: str,
     pool: str,
@@ -106,14 +98,7 @@ def aggregate(
         ttl_days: drop entities unseen for longer than this
         num_buckets: hash buckets (0: the previous snapshot's, else 64)
         workers: buckets merged at once (one bucket of memory each)
-        image: container image with the project at its WORKDIR (ignored by local_cwd)
-        name: job name
         h: a registered named resource; takes precedence over cpu, memMB
-        cpu: CPUs
-        memMB: memory in MB
-        env: extra environment variables of the job
-        max_retries: how many times the scheduler may restart the job after a failure
-        mounts: mounts into the container, e.g. type=bind,src=/data,dst=/data[,readonly]
     """
     args = ["--emb", emb, "--pool", pool, "--source", source, "--entity", entity, "--day", day,
             "--method", method, "--ttl-days", str(ttl_days), "--workers", str(workers)]
@@ -122,6 +107,7 @@ def aggregate(
     return python_module_job(name, image, "embeddings.aggregate", args, cpu, memMB, h, env, max_retries, mounts)
 
 
+@documented_job_args
 def publish(
     pool_day: str,
     version: str,
@@ -152,14 +138,7 @@ def publish(
         namespace: Redis key prefix, one per source and entity
         ann_dir: also build a FAISS index into ANN_DIR/VERSION (Pin pools)
         activate: activate the version once written (false: commit only)
-        image: container image with the project at its WORKDIR (ignored by local_cwd)
-        name: job name
         h: a registered named resource; takes precedence over cpu, memMB
-        cpu: CPUs
-        memMB: memory in MB
-        env: extra environment variables of the job
-        max_retries: how many times the scheduler may restart the job after a failure
-        mounts: mounts into the container, e.g. type=bind,src=/data,dst=/data[,readonly]
     """
     if bool(store) == bool(redis):
         raise ValueError("give exactly one of --store DIR and --redis URL")
@@ -170,6 +149,7 @@ def publish(
     return python_module_job(name, image, "embeddings.publish", args, cpu, memMB, h, env, max_retries, mounts)
 
 
+@documented_job_args
 def daily(
     snapshot: str,
     data: str,
@@ -203,16 +183,7 @@ def daily(
         alpha: ma only: weight on the previous pooled embedding, in [0, 1)
         ann: also build a FAISS index of the Pin version
         batch_size: rows per inference forward per rank
-        image: container image with the project at its WORKDIR (ignored by local_cwd)
-        name: job name
         j: [{min_nnodes}:]{nnodes}x{nproc_per_node}: inference ranks; rank 0 aggregates and publishes
-        h: a registered named resource per node; takes precedence over cpu, gpu, memMB
-        cpu: CPUs per node
-        gpu: GPUs per node
-        memMB: memory per node in MB
-        env: extra environment variables of the job
-        max_retries: how many times the scheduler may restart the job after a failure
-        mounts: mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly]
     """
     if method not in ("acc", "ma", "ap"):
         raise ValueError(f"--method {method!r}: expected acc, ma or ap")

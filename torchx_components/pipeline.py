@@ -13,9 +13,11 @@ from typing import Dict, List, Optional
 
 import torchx.specs as specs
 
+from torchx_components.jobs import documented_job_args, python_module_job
 from torchx_components.train import DERM_IMAGE
 
 
+@documented_job_args
 def daily(
     *settings: str,
     config: str = "",
@@ -39,13 +41,11 @@ def daily(
         config: pipeline config TOML (inside the image); empty: the defaults plus the settings
         jobs_scheduler: the TorchX scheduler the steps are submitted to (kubernetes, slurm, local_cwd, ...)
         image: container image of the driver, and of the steps unless the settings give --image=
-        name: job name
         h: a registered named resource; takes precedence over cpu, memMB
         cpu: CPUs of the driver
         memMB: memory of the driver in MB
         env: extra environment variables of the driver
         max_retries: how many times the scheduler may restart the driver after a failure
-        mounts: mounts into the container, e.g. type=bind,src=/data,dst=/data[,readonly]
     """
     for s in settings:
         if not (s.startswith("--") and "=" in s):
@@ -55,13 +55,8 @@ def daily(
             raise ValueError(f"pipeline setting {s!r}: expected --key=value")
         if key in ("--scheduler", "--config"):
             raise ValueError(f"pipeline setting {s!r}: use the component's --{'jobs_scheduler' if key == '--scheduler' else 'config'}")
-    args = ["-m", "trainer.pipeline", *(["--config", config] if config else []), f"--scheduler={jobs_scheduler}"]
+    args = [*(["--config", config] if config else []), f"--scheduler={jobs_scheduler}"]
     if not any(s.startswith("--image=") for s in settings):
         args.append(f"--image={image}")
     args += list(settings)
-    resource = specs.named_resources[h] if h else specs.Resource(cpu=cpu, gpu=0, memMB=memMB)
-    role = specs.Role(
-        name="pipeline", image=image, entrypoint="python", args=args, resource=resource, env=dict(env or {}),
-        max_retries=max_retries, mounts=specs.parse_mounts(mounts) if mounts else [],
-    )
-    return specs.AppDef(name=name.split("/")[-1], roles=[role])
+    return python_module_job(name, image, "trainer.pipeline", args, cpu, memMB, h, env, max_retries, mounts)

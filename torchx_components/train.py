@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torchx.specs as specs
 
-from torchx_components.jobs import split_days, torchrun_job
+from torchx_components.jobs import documented_job_args, split_days, torchrun_job
 
 DERM_IMAGE = "derm-trainer:latest"
 """Image of the cluster jobs (built from docker/; its WORKDIR is the repository root, so the
@@ -52,6 +52,7 @@ def _trainer_args(mode_args: List[str], config: str, overrides: Tuple[str, ...])
     return [*mode_args, *(["--config", config] if config else []), *_trainer_overrides(overrides)]
 
 
+@documented_job_args
 def initial(
     *overrides: str,
     config: str = "",
@@ -82,19 +83,6 @@ def initial(
         overrides: trainer config overrides, ``--section.field=value`` (e.g. ``--data.root=runs/data/small --train.run_dir=runs/small``)
         config: trainer config file (path inside the image, or the working tree for local_cwd); empty: the trainer's default config
         days: comma-separated days of the initial window (e.g. 2026-01-01,2026-01-02); empty: the window the config names
-        image: container image with the project at its WORKDIR (ignored by local_cwd, which runs the working tree)
-        name: job name, ``{experimentname}/{runname}``, ``/{runname}`` or ``{runname}``
-        j: [{min_nnodes}:]{nnodes}x{nproc_per_node}; on GPU nodes nproc_per_node must not exceed the node's GPUs
-        h: a registered named resource per node (e.g. aws_p4d.24xlarge); takes precedence over cpu, gpu, memMB
-        cpu: CPUs per node
-        gpu: GPUs per node
-        memMB: memory per node in MB
-        env: extra environment variables of the job (e.g. ENV1=v1,ENV2=v2)
-        max_retries: how many times the scheduler may restart the job after a failure
-        rdzv_port: port on rank 0's host for the c10d rendezvous store (multi-node only)
-        rdzv_backend: torchrun rendezvous backend (multi-node only; c10d or static)
-        mounts: mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly] (see the scheduler's docs)
-        debug: run with PyTorch's distributed debug flags set (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)
     """
     mode_args = ["--mode", "initial"]
     if days:
@@ -106,6 +94,7 @@ def initial(
     )
 
 
+@documented_job_args
 def incremental(
     *overrides: str,
     day: str,
@@ -136,19 +125,6 @@ def incremental(
         overrides: trainer config overrides, ``--section.field=value`` (e.g. ``--data.root=runs/data/small --train.run_dir=runs/small``)
         day: the day to train on (e.g. 2026-01-03)
         config: trainer config file (path inside the image, or the working tree for local_cwd); empty: the trainer's default config
-        image: container image with the project at its WORKDIR (ignored by local_cwd, which runs the working tree)
-        name: job name, ``{experimentname}/{runname}``, ``/{runname}`` or ``{runname}``
-        j: [{min_nnodes}:]{nnodes}x{nproc_per_node}; on GPU nodes nproc_per_node must not exceed the node's GPUs
-        h: a registered named resource per node (e.g. aws_p4d.24xlarge); takes precedence over cpu, gpu, memMB
-        cpu: CPUs per node
-        gpu: GPUs per node
-        memMB: memory per node in MB
-        env: extra environment variables of the job (e.g. ENV1=v1,ENV2=v2)
-        max_retries: how many times the scheduler may restart the job after a failure
-        rdzv_port: port on rank 0's host for the c10d rendezvous store (multi-node only)
-        rdzv_backend: torchrun rendezvous backend (multi-node only; c10d or static)
-        mounts: mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly] (see the scheduler's docs)
-        debug: run with PyTorch's distributed debug flags set (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)
     """
     day = day.strip()
     if not day or "," in day:
