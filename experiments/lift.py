@@ -27,6 +27,7 @@ Usage::
 
     python experiments/lift.py --dataset small --seeds 0,1,2 --out runs/experiments/small
     python experiments/lift.py --dataset movielens --seeds 0,1,2 --out runs/experiments/ml-100k
+    python experiments/lift.py --dataset small --seeds 0,1 --upstream-steps-per-day 0 --out runs/experiments/small-full
     python experiments/lift.py --dataset tiny --seeds 0 --out /tmp/lift --cells baseline,table2   # a smoke run
 """
 
@@ -118,11 +119,18 @@ class Protocol:
     downstream_overrides: dict[str, Any]
 
 
-def protocol(dataset: str, days: list[str]) -> Protocol:
-    """The day split of a dataset (see docs/experiments.md for why)."""
+UPSTREAM_STEPS_PER_DAY = {"tiny": 8, "small": 40, "movielens": 0}
+"""The default cap on upstream steps per day (0: full passes). ``small``: 40 x 2048 of the 200k ctr
+rows a day (its cvr days hold 30 batches), so that three seeds fit an afternoon; ``--upstream-steps-per-day``
+changes it."""
+
+
+def protocol(dataset: str, days: list[str], upstream_steps_per_day: int | None = None) -> Protocol:
+    """The day split of a dataset (see docs/experiments.md for why); ``upstream_steps_per_day``
+    overrides :data:`UPSTREAM_STEPS_PER_DAY` (0: full passes over the days)."""
+    cap = UPSTREAM_STEPS_PER_DAY[dataset] if upstream_steps_per_day is None else upstream_steps_per_day
     if dataset in ("tiny", "small"):
         # 1 held-out day, 1 downstream training day; upstream and embeddings over all the others.
-        cap = 8 if dataset == "tiny" else 40  # upstream ctr steps per day: 40 x 2048 rows of the 200k
         return Protocol(days[:-1], days[:-1], days[-2:-1], days[-1:], SYNTHETIC_DOWNSTREAM_FEATURES,
                         {"data": {"batch_size": 512 if dataset == "tiny" else 2048}, "train": {"max_steps_per_day": cap}},
                         {"data": {"batch_size": 512 if dataset == "tiny" else 2048}})
@@ -136,7 +144,7 @@ def protocol(dataset: str, days: list[str]) -> Protocol:
         first = (dt.date.fromisoformat(train_days[0]) - dt.timedelta(days=8)).isoformat()
         embed = [d for d in days[:-1] if d >= first]
         return Protocol([d for d in days[:-1] if d >= start], embed, train_days, eval_days, MOVIELENS_DOWNSTREAM_FEATURES,
-                        {"data": {"batch_size": 2048}}, {"data": {"batch_size": 1024}})
+                        {"data": {"batch_size": 2048}, "train": {"max_steps_per_day": cap}}, {"data": {"batch_size": 1024}})
     raise ValueError(f"unknown dataset {dataset!r}: tiny, small or movielens")
 
 
@@ -148,25 +156,31 @@ def _pool_name(pool: tuple[str, float | None]) -> str:
 class Experiment:
     """One dataset and seed: upstream, pools and stores, then every downstream cell."""
 
-    def __init__(self, dataset: str, data: Path, out: Path, seed: int, ctx) -> None:
+    def __init__(self, dataset: str, data: Path, out: Path, seed: int, ctx, upstream_steps_per_day: int | None = None) -> None:
         from trainer.data.spec import load_spec
 
         self.dataset, self.data, self.seed, self.ctx = dataset, data, seed, ctx
+        self.upstream_steps_per_day = (UPSTREAM_STEPS_PER_DAY[dataset] if upstream_steps_per_day is None
+                                       else upstream_steps_per_day)
         self.out = out
         self.work = out / f"seed={seed}"
         spec = load_spec(data / "spec.toml")
         days = sorted(p.name[4:] for p in (data / "ctr").glob("day=*"))
-        self.protocol = protocol(dataset, days)
+        self.protocol = protocol(dataset, days, self.upstream_steps_per_day)
         self.spec_name = spec.name
 
     # ---- 1 + 2: upstream models, pools and stores ----------------------------------------------
     def upstream(self) -> None:
         marker = self.work / "upstream.json"
         if marker.is_file():
+            made_with = json.loads(marker.read_text()).get("upstream_steps_per_day", UPSTREAM_STEPS_PER_DAY[self.dataset])
+            if made_with != self.upstream_steps_per_day:
+                raise SystemExit(f"{marker}: these embeddings were made with --upstream-steps-per-day {made_with}, not "
+                                 f"{self.upstream_steps_per_day}; give another --out")
             log.info("seed %d: upstream embeddings already published (%s)", self.seed, marker)
             return
         shutil.rmtree(self.work / "emb", ignore_errors=True)
-        t0, stats = time.perf_counter(), {}
+        t0, stats = time.perf_counter(), {"upstream_steps_per_day": self.upstream_steps_per_day}
         for source in ("ctr", "cvr"):
             stats[source] = self._train_and_embed(source)
         for source in ("ctr", "cvr"):
@@ -250,7 +264,7 @@ class Experiment:
             trainer.close()
         examples, seconds = sum(d["examples"] for d in days), sum(d["seconds"] for d in days)
         return {
-            "dataset": self.dataset, "seed": self.seed, "cell": cell.name, "table": cell.table, "kind": cell.kind,
+            "dataset": self.dataset, "upstream_steps_per_day": self.upstream_steps_per_day, "seed": self.seed, "cell": cell.name, "table": cell.table, "kind": cell.kind,
             "derm": list(cell.derm), "pool": _pool_name(cell.pool), "projection_dim": cell.projection_dim,
             "train_days": p.train_days, "eval_days": p.eval_days, "train_examples": examples,
             "train_examples_per_s": round(examples / max(seconds, 1e-9), 1), "eval_seconds": round(eval_s, 1),
@@ -304,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", required=True, help="output folder (results.jsonl, seed=S/...)")
     p.add_argument("--cells", default="", help="comma-separated tables to run (baseline,table1,table2,table4,appendix_d); default all")
+    p.add_argument("--upstream-steps-per-day", type=int, default=None, metavar="N",
+                   help="cap on upstream steps per day, 0: full passes (default: tiny 8, small 40, movielens 0)")
     args = p.parse_args(argv)
 
     from trainer.distributed import init_distributed, shutdown
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("experiments/lift.py runs as one process (its models are small); start it with python, not torchrun")
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            exp = Experiment(args.dataset, data, out, seed, ctx)
+            exp = Experiment(args.dataset, data, out, seed, ctx, args.upstream_steps_per_day)
             done = _done(results)
             if all((seed, c.name) in done for c in todo):
                 continue

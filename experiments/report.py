@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from experiments.lift import UPSTREAM_STEPS_PER_DAY  # noqa: E402
 
 PAPER_TABLE1 = {"acc": "0.02", "ma0.5": "0.03–0.09 *", "ma0.9": "0.03–0.09 *", "ma0.99": "0.03–0.09 *", "ap": "0.03"}
 PAPER_TABLE2 = {  # (ctr_user, ctr_pin, cvr_user, cvr_pin) -> (ROC-AUC lift %, PR-AUC lift %)
@@ -38,18 +44,31 @@ POOL_ORDER = ["acc", "ma0.5", "ma0.9", "ma0.99", "ap"]
 POOL_LABEL = {"acc": "ACC", "ma0.5": "MA α=0.5", "ma0.9": "MA α=0.9", "ma0.99": "MA α=0.99", "ap": "AP"}
 
 
+DATASET_NAMES = {"small": "synthetic small world", "tiny": "synthetic tiny world", "movielens": "MovieLens-100K"}
+
+
 def load(paths: list[Path]) -> dict[str, list[dict]]:
-    """Rows by dataset (the last row wins when a cell of a seed appears twice)."""
+    """Rows by dataset and upstream protocol, keyed by the section title (the last row wins when a
+    cell of a seed appears twice). Rows without ``upstream_steps_per_day`` used the default cap."""
     by_key: dict[tuple, dict] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                by_key[(r["dataset"], r["seed"], r["cell"])] = r
+                cap = r.get("upstream_steps_per_day", UPSTREAM_STEPS_PER_DAY.get(r["dataset"], 0))
+                by_key[(r["dataset"], cap, r["seed"], r["cell"])] = r
     out: dict[str, list[dict]] = defaultdict(list)
-    for (dataset, _, _), r in sorted(by_key.items()):
-        out[dataset].append(r)
+    for (dataset, cap, _, _), r in sorted(by_key.items(), key=lambda kv: (kv[0][0], -kv[0][1], *kv[0][2:])):
+        out[_title(dataset, cap)].append(r)
     return dict(out)
+
+
+def _title(dataset: str, cap: int) -> str:
+    """The section title: the dataset's name, and the upstream protocol when it is not the default."""
+    name = DATASET_NAMES.get(dataset, dataset)
+    if cap == UPSTREAM_STEPS_PER_DAY.get(dataset, 0):
+        return name
+    return f"{name}, upstream on full days" if cap == 0 else f"{name}, upstream capped at {cap} steps a day"
 
 
 class Dataset:
@@ -192,7 +211,7 @@ def _appendix_d(ds: Dataset) -> list[str]:
 
 
 def _slug(name: str) -> str:
-    return name.replace(" ", "-").replace("/", "-").lower()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _plots(ds: Dataset, out: Path) -> None:
@@ -251,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no such results file: {', '.join(missing)}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    names = {"small": "synthetic small world", "tiny": "synthetic tiny world", "movielens": "MovieLens-100K"}
-    datasets = {k: Dataset(names.get(k, k), rows) for k, rows in load(args.results).items()}
+    datasets = {title: Dataset(title, rows) for title, rows in load(args.results).items()}
     text = report(datasets, args.out)
     (args.out / "report.md").write_text(text + "\n")
     print(text)
