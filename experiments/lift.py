@@ -27,7 +27,8 @@ Usage::
 
     python experiments/lift.py --dataset small --seeds 0,1,2 --out runs/experiments/small
     python experiments/lift.py --dataset movielens --seeds 0,1,2 --out runs/experiments/ml-100k
-    python experiments/lift.py --dataset small --seeds 0,1 --upstream-steps-per-day 0 --out runs/experiments/small-full
+    python experiments/lift.py --dataset small --seeds 0,1 --upstream-steps-per-day 0 --embed back \\
+        --out runs/experiments/small-full-back
     python experiments/lift.py --dataset tiny --seeds 0 --out /tmp/lift --cells baseline,table2   # a smoke run
 """
 
@@ -125,6 +126,9 @@ rows a day (its cvr days hold 30 batches), so that three seeds fit an afternoon;
 changes it."""
 
 
+EMBED_MODES = ("daily", "back")
+
+
 def protocol(dataset: str, days: list[str], upstream_steps_per_day: int | None = None) -> Protocol:
     """The day split of a dataset (see docs/experiments.md for why); ``upstream_steps_per_day``
     overrides :data:`UPSTREAM_STEPS_PER_DAY` (0: full passes over the days)."""
@@ -156,10 +160,13 @@ def _pool_name(pool: tuple[str, float | None]) -> str:
 class Experiment:
     """One dataset and seed: upstream, pools and stores, then every downstream cell."""
 
-    def __init__(self, dataset: str, data: Path, out: Path, seed: int, ctx, upstream_steps_per_day: int | None = None) -> None:
+    def __init__(self, dataset: str, data: Path, out: Path, seed: int, ctx, upstream_steps_per_day: int | None = None,
+                 embed: str = "daily") -> None:
         from trainer.data.spec import load_spec
 
-        self.dataset, self.data, self.seed, self.ctx = dataset, data, seed, ctx
+        if embed not in EMBED_MODES:
+            raise ValueError(f"embed {embed!r}: expected one of {', '.join(EMBED_MODES)}")
+        self.dataset, self.data, self.seed, self.ctx, self.embed = dataset, data, seed, ctx, embed
         self.upstream_steps_per_day = (UPSTREAM_STEPS_PER_DAY[dataset] if upstream_steps_per_day is None
                                        else upstream_steps_per_day)
         self.out = out
@@ -173,14 +180,15 @@ class Experiment:
     def upstream(self) -> None:
         marker = self.work / "upstream.json"
         if marker.is_file():
-            made_with = json.loads(marker.read_text()).get("upstream_steps_per_day", UPSTREAM_STEPS_PER_DAY[self.dataset])
-            if made_with != self.upstream_steps_per_day:
-                raise SystemExit(f"{marker}: these embeddings were made with --upstream-steps-per-day {made_with}, not "
-                                 f"{self.upstream_steps_per_day}; give another --out")
+            made = json.loads(marker.read_text())
+            made_with = (made.get("upstream_steps_per_day", UPSTREAM_STEPS_PER_DAY[self.dataset]), made.get("embed", "daily"))
+            if made_with != (self.upstream_steps_per_day, self.embed):
+                raise SystemExit(f"{marker}: these embeddings were made with --upstream-steps-per-day {made_with[0]} "
+                                 f"--embed {made_with[1]}, not {self.upstream_steps_per_day} and {self.embed}; give another --out")
             log.info("seed %d: upstream embeddings already published (%s)", self.seed, marker)
             return
         shutil.rmtree(self.work / "emb", ignore_errors=True)
-        t0, stats = time.perf_counter(), {"upstream_steps_per_day": self.upstream_steps_per_day}
+        t0, stats = time.perf_counter(), {"upstream_steps_per_day": self.upstream_steps_per_day, "embed": self.embed}
         for source in ("ctr", "cvr"):
             stats[source] = self._train_and_embed(source)
         for source in ("ctr", "cvr"):
@@ -208,10 +216,14 @@ class Experiment:
             for day in p.upstream_days:
                 s = trainer.train_day(day)
                 examples, seconds = examples + s["examples"], seconds + s["seconds"]
-                if day in p.embed_days:
+                if self.embed == "daily" and day in p.embed_days:  # with the model as that day's snapshot has it
                     trainer.model.eval()
                     infer_day(embedder, day, self.work / "emb", overwrite=True)
                     trainer.model.train()
+            if self.embed == "back":  # every embedding day with the last snapshot (paper Appendix B.3's back inference)
+                trainer.model.eval()
+                for day in p.embed_days:
+                    infer_day(embedder, day, self.work / "emb", overwrite=True)
             log.info("seed %d: upstream %s trained on %d day(s), %d examples, %.0f examples/s", self.seed, source,
                      len(p.upstream_days), examples, examples / max(seconds, 1e-9))
             return {"examples": examples, "examples_per_s": round(examples / max(seconds, 1e-9), 1)}
@@ -264,7 +276,8 @@ class Experiment:
             trainer.close()
         examples, seconds = sum(d["examples"] for d in days), sum(d["seconds"] for d in days)
         return {
-            "dataset": self.dataset, "upstream_steps_per_day": self.upstream_steps_per_day, "seed": self.seed, "cell": cell.name, "table": cell.table, "kind": cell.kind,
+            "dataset": self.dataset, "upstream_steps_per_day": self.upstream_steps_per_day, "embed": self.embed,
+            "seed": self.seed, "cell": cell.name, "table": cell.table, "kind": cell.kind,
             "derm": list(cell.derm), "pool": _pool_name(cell.pool), "projection_dim": cell.projection_dim,
             "train_days": p.train_days, "eval_days": p.eval_days, "train_examples": examples,
             "train_examples_per_s": round(examples / max(seconds, 1e-9), 1), "eval_seconds": round(eval_s, 1),
@@ -320,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", default="", help="comma-separated tables to run (baseline,table1,table2,table4,appendix_d); default all")
     p.add_argument("--upstream-steps-per-day", type=int, default=None, metavar="N",
                    help="cap on upstream steps per day, 0: full passes (default: tiny 8, small 40, movielens 0)")
+    p.add_argument("--embed", choices=EMBED_MODES, default="daily",
+                   help="daily: embed each day with the model as trained up to it (the daily job); back: embed every "
+                        "day with the last model (back inference over the batch window, paper Appendix B.3)")
     args = p.parse_args(argv)
 
     from trainer.distributed import init_distributed, shutdown
@@ -338,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("experiments/lift.py runs as one process (its models are small); start it with python, not torchrun")
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            exp = Experiment(args.dataset, data, out, seed, ctx, args.upstream_steps_per_day)
+            exp = Experiment(args.dataset, data, out, seed, ctx, args.upstream_steps_per_day, args.embed)
             done = _done(results)
             if all((seed, c.name) in done for c in todo):
                 continue

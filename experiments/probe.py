@@ -6,6 +6,10 @@ It answers "why is the lift small?" with data: an embedding that cannot linearly
 click propensity (``bias``) or a Pin's ``quality`` cannot hand them to a downstream model either.
 The truth is the world's own (``DATA/truth/users.parquet``, ``pins.parquet``; see docs/data.md).
 
+A second table checks what the two towers' contrastive task (§3.1) should learn: over random
+(user, Pin) pairs, the correlation between the dot product of their embeddings and the world's
+planted affinity ``<u_d, p_d>`` (drives clicks) and intent match ``<q_u, r_p>`` (drives conversions).
+
 Usage::
 
     python experiments/probe.py --data runs/data/small --stores runs/experiments/small/seed=0/store/ma0.9 \\
@@ -40,6 +44,39 @@ def probe_r2(x: np.ndarray, y: np.ndarray, seed: int = 0, ridge: float = 1.0) ->
     return float(1 - ((y[test] - pred) ** 2).sum() / ((y[test] - y[test].mean()) ** 2).sum())
 
 
+def latent_on_day(truth, day_index: int, drift_per_day: float) -> np.ndarray:
+    """``[N, K]`` planted latents on a day (the world's ``cos(θ d) latent0 + sin(θ d) drift``)."""
+    base, drift = (np.stack(truth.column(c).to_numpy(zero_copy_only=False)) for c in ("latent0", "drift"))
+    return np.cos(drift_per_day * day_index) * base + np.sin(drift_per_day * day_index) * drift
+
+
+def pair_correlations(data: Path, stores: Path, day: str, pairs: int = 200_000, seed: int = 0) -> list[str]:
+    """Markdown rows: per source, corr(<user emb, Pin emb>, planted affinity / intent match)."""
+    import datetime as dt
+    import json
+
+    world = json.loads((data / "truth" / "world.json").read_text())["config"]
+    d = (dt.date.fromisoformat(day) - dt.date.fromisoformat(world["start_date"])).days
+    truth = {e: pq.read_table(data / "truth" / f"{e}s.parquet") for e in ("user", "pin")}
+    latent = {e: latent_on_day(t, d, world["drift_per_day"]) for e, t in truth.items()}
+    intent = {e: np.stack(t.column("intent").to_numpy(zero_copy_only=False)) for e, t in truth.items()}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for source in ("ctr", "cvr"):
+        emb, ids = {}, {}
+        for e, t in truth.items():
+            store = EmbeddedStore(stores / f"{source}-{e}")
+            vectors, hit = store.get(t.column(f"{e}_id").to_numpy(), version=f"{source}-{e}-{day}")
+            ids[e], emb[e] = np.flatnonzero(hit), vectors
+        u, p = rng.choice(ids["user"], pairs), rng.choice(ids["pin"], pairs)
+        score = (emb["user"][u] * emb["pin"][p]).sum(1)
+        affinity = (latent["user"][u] * latent["pin"][p]).sum(1)
+        match = (intent["user"][u] * intent["pin"][p]).sum(1)
+        rows.append(f"| {source}_user · {source}_pin | {pairs:,} | {np.corrcoef(score, affinity)[0, 1]:+.3f} | "
+                    f"{np.corrcoef(score, match)[0, 1]:+.3f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="experiments/probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="synthetic world root (with truth/)")
@@ -56,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             r2 = [probe_r2(emb[hit], truth.column(t).to_numpy()[hit].astype(float)) for t in targets]
             cells = ", ".join(f"{t} {v:.3f}" for t, v in zip(targets, r2))
             print(f"| {source}_{entity} | {int(hit.sum()):,} | {cells} |")
+    print()
+    print("| dot product of | random pairs | corr with affinity <u, p> (clicks) | corr with intent <q, r> (conversions) |")
+    print("|---|---|---|---|")
+    print("\n".join(pair_correlations(Path(args.data), Path(args.stores), args.day)))
     return 0
 
 

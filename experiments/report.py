@@ -49,26 +49,31 @@ DATASET_NAMES = {"small": "synthetic small world", "tiny": "synthetic tiny world
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
     """Rows by dataset and upstream protocol, keyed by the section title (the last row wins when a
-    cell of a seed appears twice). Rows without ``upstream_steps_per_day`` used the default cap."""
+    cell of a seed appears twice). Rows without ``upstream_steps_per_day`` / ``embed`` used the
+    defaults (the dataset's cap, daily embedding)."""
     by_key: dict[tuple, dict] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                cap = r.get("upstream_steps_per_day", UPSTREAM_STEPS_PER_DAY.get(r["dataset"], 0))
-                by_key[(r["dataset"], cap, r["seed"], r["cell"])] = r
+                title = _title(r["dataset"], r.get("upstream_steps_per_day"), r.get("embed", "daily"))
+                by_key[(title, r["seed"], r["cell"])] = r
     out: dict[str, list[dict]] = defaultdict(list)
-    for (dataset, cap, _, _), r in sorted(by_key.items(), key=lambda kv: (kv[0][0], -kv[0][1], *kv[0][2:])):
-        out[_title(dataset, cap)].append(r)
+    for (title, _, _), r in sorted(by_key.items(), key=lambda kv: (len(kv[0][0]), *kv[0])):  # default protocols first
+        out[title].append(r)
     return dict(out)
 
 
-def _title(dataset: str, cap: int) -> str:
-    """The section title: the dataset's name, and the upstream protocol when it is not the default."""
-    name = DATASET_NAMES.get(dataset, dataset)
-    if cap == UPSTREAM_STEPS_PER_DAY.get(dataset, 0):
-        return name
-    return f"{name}, upstream on full days" if cap == 0 else f"{name}, upstream capped at {cap} steps a day"
+def _title(dataset: str, cap: int | None, embed: str) -> str:
+    """The section title: the dataset's name, and the upstream protocol where it is not the default."""
+    default_cap = UPSTREAM_STEPS_PER_DAY.get(dataset, 0)
+    cap = default_cap if cap is None else cap
+    parts = [DATASET_NAMES.get(dataset, dataset)]
+    if cap != default_cap:
+        parts.append("upstream on full days" if cap == 0 else f"upstream capped at {cap} steps a day")
+    if embed != "daily":
+        parts.append("embeddings back-inferred with the last upstream model" if embed == "back" else f"embed {embed}")
+    return ", ".join(parts)
 
 
 class Dataset:

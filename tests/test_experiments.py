@@ -40,11 +40,12 @@ def test_lifts_pair_each_cell_with_its_own_seeds_baseline(tmp_path):
 
 def test_rows_of_another_upstream_protocol_are_reported_apart(tmp_path):
     capped = [_row(0, "baseline", "ctr", (), 0.60, 0.10)]  # written before rows carried the cap: the default
-    full = [{**_row(0, "baseline", "ctr", (), 0.62, 0.12), "upstream_steps_per_day": 0}]
+    full = [{**_row(0, "baseline", "ctr", (), 0.62, 0.12), "upstream_steps_per_day": 0, "embed": "back"}]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in capped + full))
     sections = report.load([path])
-    assert list(sections) == ["synthetic small world", "synthetic small world, upstream on full days"]
+    assert list(sections) == ["synthetic small world",
+                              "synthetic small world, upstream on full days, embeddings back-inferred with the last upstream model"]
     assert [r["metrics"]["click"]["roc_auc"] for rows in sections.values() for r in rows] == [0.60, 0.62]
     assert lift.protocol("small", [f"2026-01-0{i}" for i in range(1, 8)], 0).upstream_overrides["train"]["max_steps_per_day"] == 0
 
