@@ -174,10 +174,11 @@ class Experiment:
         spec = load_spec(data / "spec.toml")
         days = sorted(p.name[4:] for p in (data / "ctr").glob("day=*"))
         self.protocol = protocol(dataset, days, self.upstream_steps_per_day)
+        self._check_made_with()
         self.spec_name = spec.name
 
-    # ---- 1 + 2: upstream models, pools and stores ----------------------------------------------
-    def upstream(self) -> None:
+    def _check_made_with(self) -> None:
+        """Refuses a seed folder (and so its results) made under another upstream protocol."""
         marker = self.work / "upstream.json"
         if marker.is_file():
             made = json.loads(marker.read_text())
@@ -185,6 +186,11 @@ class Experiment:
             if made_with != (self.upstream_steps_per_day, self.embed):
                 raise SystemExit(f"{marker}: these embeddings were made with --upstream-steps-per-day {made_with[0]} "
                                  f"--embed {made_with[1]}, not {self.upstream_steps_per_day} and {self.embed}; give another --out")
+
+    # ---- 1 + 2: upstream models, pools and stores ----------------------------------------------
+    def upstream(self) -> None:
+        marker = self.work / "upstream.json"
+        if marker.is_file():
             log.info("seed %d: upstream embeddings already published (%s)", self.seed, marker)
             return
         shutil.rmtree(self.work / "emb", ignore_errors=True)

@@ -95,3 +95,11 @@ def test_smoke_run_on_the_tiny_world_resumes_and_reports(tiny_world, tmp_path):
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "### Appendix D.1" in text and "| none | 260 |" in text  # 4 x (64 + 1) unprojected
     assert (tmp_path / "rep" / "synthetic-tiny-world-projection.png").stat().st_size > 10_000
+
+
+def test_a_seed_folder_made_under_another_protocol_is_refused(tiny_world, tmp_path):
+    (tmp_path / "seed=0").mkdir()
+    (tmp_path / "seed=0" / "upstream.json").write_text(json.dumps({"upstream_steps_per_day": 0, "embed": "back"}))
+    with pytest.raises(SystemExit, match="--upstream-steps-per-day 0 --embed back, not 8 and daily"):
+        lift.Experiment("tiny", tiny_world, tmp_path, 0, ctx=None)
+    lift.Experiment("tiny", tiny_world, tmp_path, 0, ctx=None, upstream_steps_per_day=0, embed="back")  # the same: fine
