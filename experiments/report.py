@@ -72,7 +72,7 @@ def _title(dataset: str, cap: int | None, embed: str) -> str:
     if cap != default_cap:
         parts.append("upstream on full days" if cap == 0 else f"upstream capped at {cap} steps a day")
     if embed != "daily":
-        parts.append("embeddings back-inferred with the last upstream model" if embed == "back" else f"embed {embed}")
+        parts.append("back-inferred embeddings" if embed == "back" else f"embed {embed}")
     return ", ".join(parts)
 
 
@@ -212,7 +212,7 @@ def _appendix_d(ds: Dataset) -> list[str]:
         lines.append(f"| {'none' if width == 0 else width} | {derm_width} | {rs[0].get('input_width') or '–'} | "
                      f"{fmt(ds.lifts(rs, 'roc_auc'), seeds=len(ds.seeds))} | {fmt(ds.lifts(rs, 'pr_auc'), seeds=len(ds.seeds))} | "
                      f"{_abs([ds.metric(r, 'roc_auc') for r in rs])} |")
-    return lines + ["", "Throughput by width: `bench/bench_projection.py` (see docs/experiments.md).", ""]
+    return lines + ["", "Throughput by width: `bench/bench_projection.py`, figures in [../benchmarks.md](../benchmarks.md#projection-layer-benchbench_projectionpy).", ""]
 
 
 def _slug(name: str) -> str:

@@ -45,7 +45,7 @@ def test_rows_of_another_upstream_protocol_are_reported_apart(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in capped + full))
     sections = report.load([path])
     assert list(sections) == ["synthetic small world",
-                              "synthetic small world, upstream on full days, embeddings back-inferred with the last upstream model"]
+                              "synthetic small world, upstream on full days, back-inferred embeddings"]
     assert [r["metrics"]["click"]["roc_auc"] for rows in sections.values() for r in rows] == [0.60, 0.62]
     assert lift.protocol("small", [f"2026-01-0{i}" for i in range(1, 8)], 0).upstream_overrides["train"]["max_steps_per_day"] == 0
 
