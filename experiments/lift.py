@@ -42,6 +42,7 @@ import logging
 import shutil
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,10 @@ ALL4 = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
 DEFAULT_POOL = ("ma", 0.9)
 TABLE1_POOLS = (("acc", None), ("ma", 0.5), ("ma", 0.9), ("ma", 0.99), ("ap", None))
 
-# The synthetic world's downstream models see a production-like restricted feature set: ids,
-# demographics, context, counting features and the engagement sequence, but not the pretrained
-# vectors, curated interests, the conversion sequence or the user x advertiser counts the upstream
-# models learn from.
-SYNTHETIC_DOWNSTREAM_FEATURES = (
-    "user_id", "user_gender", "user_age_bucket", "user_country", "pin_id", "advertiser_id", "category_id",
-    "surface", "hour_of_day", "platform", "user_seq", "user_impressions_1d", "user_clicks_1d",
-    "pin_impressions_1d", "pin_clicks_1d",
+# The synthetic world's downstream models see the production-like restricted feature set of the
+# demo pipeline (configs/pipeline-demo.toml, which says why), read from there so the two agree.
+SYNTHETIC_DOWNSTREAM_FEATURES = tuple(
+    tomllib.loads((Path(__file__).resolve().parents[1] / "configs" / "pipeline-demo.toml").read_text())["downstream_features"]
 )
 # MovieLens: ids, the movie's metadata, context and the rating sequence; not the demographics or counts.
 MOVIELENS_DOWNSTREAM_FEATURES = (
