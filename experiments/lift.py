@@ -27,7 +27,7 @@ Usage::
 
     python experiments/lift.py --dataset small --seeds 0,1,2 --out runs/experiments/small
     python experiments/lift.py --dataset movielens --seeds 0,1,2 --out runs/experiments/ml-100k
-    python experiments/lift.py --dataset small --seeds 0,1 --upstream-steps-per-day 0 --embed back \\
+    python experiments/lift.py --dataset small --seeds 0,1,2 --upstream-steps-per-day 0 --embed back \\
         --out runs/experiments/small-full-back
     python experiments/lift.py --dataset tiny --seeds 0 --out /tmp/lift --cells baseline,table2   # a smoke run
 """

@@ -9,6 +9,8 @@ The truth is the world's own (``DATA/truth/users.parquet``, ``pins.parquet``; se
 A second table checks what the two towers' contrastive task (§3.1) should learn: over random
 (user, Pin) pairs, the correlation between the dot product of their embeddings and the world's
 planted affinity ``<u_d, p_d>`` (drives clicks) and intent match ``<q_u, r_p>`` (drives conversions).
+Last, the click ROC-AUC of ``<ctr_user, ctr_pin>`` alone on the next day's ctr log: what the
+embeddings could hand a downstream CTR model that reads them as a pair.
 
 Usage::
 
@@ -19,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from pathlib import Path
 
@@ -52,7 +55,6 @@ def latent_on_day(truth, day_index: int, drift_per_day: float) -> np.ndarray:
 
 def pair_correlations(data: Path, stores: Path, day: str, pairs: int = 200_000, seed: int = 0) -> list[str]:
     """Markdown rows: per source, corr(<user emb, Pin emb>, planted affinity / intent match)."""
-    import datetime as dt
     import json
 
     world = json.loads((data / "truth" / "world.json").read_text())["config"]
@@ -77,11 +79,40 @@ def pair_correlations(data: Path, stores: Path, day: str, pairs: int = 200_000, 
     return rows
 
 
+def rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC-AUC as the Mann-Whitney statistic (ordinal ranks: ties among float scores are negligible)."""
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    pos = labels.astype(bool)
+    n1, n0 = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def dot_click_auc(data: Path, stores: Path, version_day: str, eval_day: str) -> tuple[float, float]:
+    """(click ROC-AUC of <ctr_user, ctr_pin> on ``eval_day``'s ctr rows, share of rows whose user
+    and Pin both have a version of ``version_day``)."""
+    import pyarrow as pa
+
+    files = sorted((data / "ctr" / f"day={eval_day}").glob("*.parquet"))
+    if not files:
+        raise SystemExit(f"{data / 'ctr'}: no day={eval_day} to evaluate on")
+    t = pa.concat_tables([pq.read_table(f, columns=["user_id", "pin_id", "click"]) for f in files])
+    vectors, hits = [], []
+    for entity in ("user", "pin"):
+        v, hit = EmbeddedStore(stores / f"ctr-{entity}").get(t.column(f"{entity}_id").to_numpy(), version=f"ctr-{entity}-{version_day}")
+        vectors.append(v)
+        hits.append(hit)
+    both = hits[0] & hits[1]
+    score = (vectors[0][both] * vectors[1][both]).sum(1)
+    return rank_auc(t.column("click").to_numpy()[both], score), float(both.mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="experiments/probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="synthetic world root (with truth/)")
     p.add_argument("--stores", required=True, help="folder of the stores ctr-user, ctr-pin, cvr-user, cvr-pin")
     p.add_argument("--day", required=True, help="the version's day")
+    p.add_argument("--eval-day", default="", help="day of the ctr log for the click AUC (default: the day after --day; none: skip)")
     args = p.parse_args(argv)
     print("| embedding | entities | held-out R² per planted attribute |")
     print("|---|---|---|")
@@ -97,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| dot product of | random pairs | corr with affinity <u, p> (clicks) | corr with intent <q, r> (conversions) |")
     print("|---|---|---|---|")
     print("\n".join(pair_correlations(Path(args.data), Path(args.stores), args.day)))
+    eval_day = args.eval_day or (dt.date.fromisoformat(args.day) + dt.timedelta(days=1)).isoformat()
+    if eval_day != "none":
+        auc, share = dot_click_auc(Path(args.data), Path(args.stores), args.day, eval_day)
+        print(f"\nclick ROC-AUC of <ctr_user, ctr_pin> alone on {eval_day}: {auc:.4f} ({share:.1%} of its rows have both versions)")
     return 0
 
 

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from experiments import lift, report
+from experiments import lift, probe, report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,12 @@ def test_smoke_run_on_the_tiny_world_resumes_and_reports(tiny_world, tmp_path):
     assert "### Appendix D.1" in text and "| none | 260 |" in text  # 4 x (64 + 1) unprojected
     assert (tmp_path / "rep" / "synthetic-tiny-world-projection.png").stat().st_size > 10_000
 
+    days = sorted(p.name[4:] for p in (tiny_world / "ctr").glob("day=*"))
+    probe = subprocess.run([sys.executable, "experiments/probe.py", "--data", str(tiny_world), "--stores",
+                            str(out / "seed=0" / "store" / "ma0.9"), "--day", days[-2]],
+                           cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+    assert "| ctr_user · ctr_pin |" in probe.stdout and f"alone on {days[-1]}: 0." in probe.stdout
+
 
 def test_a_seed_folder_made_under_another_protocol_is_refused(tiny_world, tmp_path):
     (tmp_path / "seed=0").mkdir()
@@ -103,3 +110,10 @@ def test_a_seed_folder_made_under_another_protocol_is_refused(tiny_world, tmp_pa
     with pytest.raises(SystemExit, match="--upstream-steps-per-day 0 --embed back, not 8 and daily"):
         lift.Experiment("tiny", tiny_world, tmp_path, 0, ctx=None)
     lift.Experiment("tiny", tiny_world, tmp_path, 0, ctx=None, upstream_steps_per_day=0, embed="back")  # the same: fine
+
+
+def test_rank_auc_is_the_mann_whitney_statistic():
+    labels = np.array([0, 1, 0, 1, 1])
+    assert probe.rank_auc(labels, labels * 1.0) == 1.0 and probe.rank_auc(labels, -labels * 1.0) == 0.0
+    # positives at ranks 5, 2 and 4 of 5, 2 negatives: (11 - 3 * 4 / 2) / (3 * 2)
+    assert probe.rank_auc(labels, np.array([0.3, 0.9, 0.1, 0.2, 0.5])) == pytest.approx(5 / 6)
