@@ -67,9 +67,8 @@ def pair_correlations(data: Path, stores: Path, day: str, pairs: int = 200_000, 
     for source in ("ctr", "cvr"):
         emb, ids = {}, {}
         for e, t in truth.items():
-            store = EmbeddedStore(stores / f"{source}-{e}")
-            vectors, hit = store.get(t.column(f"{e}_id").to_numpy(), version=f"{source}-{e}-{day}")
-            ids[e], emb[e] = np.flatnonzero(hit), vectors
+            emb[e], hit = lookup(stores, source, e, t.column(f"{e}_id").to_numpy(), day)
+            ids[e] = np.flatnonzero(hit)
         u, p = rng.choice(ids["user"], pairs), rng.choice(ids["pin"], pairs)
         score = (emb["user"][u] * emb["pin"][p]).sum(1)
         affinity = (latent["user"][u] * latent["pin"][p]).sum(1)
@@ -79,13 +78,18 @@ def pair_correlations(data: Path, stores: Path, day: str, pairs: int = 200_000, 
     return rows
 
 
+def lookup(stores: Path, source: str, entity: str, ids: np.ndarray, day: str) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, hit) of ``ids`` in the ``source``-``entity`` store's version of ``day``."""
+    return EmbeddedStore(stores / f"{source}-{entity}").get(ids, version=f"{source}-{entity}-{day}")
+
+
 def rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC-AUC as the Mann-Whitney statistic (ordinal ranks: ties among float scores are negligible)."""
-    ranks = np.empty(len(scores))
-    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
-    pos = labels.astype(bool)
-    n1, n0 = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """ROC-AUC of raw scores, computed as the trainer's evaluation does (torchmetrics; it squashes
+    scores outside [0, 1] with a sigmoid, which keeps their order)."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    return float(binary_auroc(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).long()))
 
 
 def dot_click_auc(data: Path, stores: Path, version_day: str, eval_day: str) -> tuple[float, float]:
@@ -97,13 +101,9 @@ def dot_click_auc(data: Path, stores: Path, version_day: str, eval_day: str) -> 
     if not files:
         raise SystemExit(f"{data / 'ctr'}: no day={eval_day} to evaluate on")
     t = pa.concat_tables([pq.read_table(f, columns=["user_id", "pin_id", "click"]) for f in files])
-    vectors, hits = [], []
-    for entity in ("user", "pin"):
-        v, hit = EmbeddedStore(stores / f"ctr-{entity}").get(t.column(f"{entity}_id").to_numpy(), version=f"ctr-{entity}-{version_day}")
-        vectors.append(v)
-        hits.append(hit)
-    both = hits[0] & hits[1]
-    score = (vectors[0][both] * vectors[1][both]).sum(1)
+    (user, user_hit), (pin, pin_hit) = (lookup(stores, "ctr", e, t.column(f"{e}_id").to_numpy(), version_day) for e in ("user", "pin"))
+    both = user_hit & pin_hit
+    score = (user[both] * pin[both]).sum(1)
     return rank_auc(t.column("click").to_numpy()[both], score), float(both.mean())
 
 
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for source in ("ctr", "cvr"):
         for entity, targets in TARGETS.items():
             truth = pq.read_table(Path(args.data) / "truth" / f"{entity}s.parquet")
-            store = EmbeddedStore(Path(args.stores) / f"{source}-{entity}")
-            emb, hit = store.get(truth.column(f"{entity}_id").to_numpy(), version=f"{source}-{entity}-{args.day}")
+            emb, hit = lookup(Path(args.stores), source, entity, truth.column(f"{entity}_id").to_numpy(), args.day)
             r2 = [probe_r2(emb[hit], truth.column(t).to_numpy()[hit].astype(float)) for t in targets]
             cells = ", ".join(f"{t} {v:.3f}" for t, v in zip(targets, r2))
             print(f"| {source}_{entity} | {int(hit.sum()):,} | {cells} |")

@@ -57,9 +57,9 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
             if line.strip():
                 r = json.loads(line)
                 title = _title(r["dataset"], r.get("upstream_steps_per_day"), r.get("embed", "daily"))
-                by_key[(title, r["seed"], r["cell"])] = r
+                by_key[(r["dataset"], title, r["seed"], r["cell"])] = r
     out: dict[str, list[dict]] = defaultdict(list)
-    for (title, _, _), r in sorted(by_key.items(), key=lambda kv: (len(kv[0][0]), *kv[0])):  # default protocols first
+    for (_, title, _, _), r in sorted(by_key.items()):  # by dataset; a default protocol's title sorts first
         out[title].append(r)
     return dict(out)
 
