@@ -38,7 +38,13 @@ def exact(pins):
 @pytest.fixture(scope="module")
 def ivf(pins):
     ids, emb, _ = pins
-    return AnnIndex.build(ids, emb, AnnConfig(exact_max_rows=10_000))
+    return AnnIndex.build(ids, emb, AnnConfig(exact_max_rows=10_000, kind="ivf"))
+
+
+@pytest.fixture(scope="module")
+def ivfpq(pins):
+    ids, emb, _ = pins
+    return AnnIndex.build(ids, emb, AnnConfig(exact_max_rows=10_000))  # the default kind on CPU
 
 
 def recall(approx: np.ndarray, truth: np.ndarray) -> float:
@@ -77,6 +83,36 @@ def test_probing_every_list_makes_ivf_exact(pins, exact, ivf):
         ivf.set_search_params(nprobe=nprobe)
     with pytest.raises(ValueError, match="applies to HNSW"):
         ivf.set_search_params(ef_search=64)
+    with pytest.raises(ValueError, match="applies to ivfpq"):
+        ivf.set_search_params(k_factor=4)
+
+
+def test_ivfpq_recall_at_10_against_exact(pins, exact, ivfpq):
+    _, _, queries = pins
+    assert ivfpq.kind == "ivfpq" and len(ivfpq) == 20_000
+    assert isinstance(ivfpq.index, faiss.IndexRefineFlat)
+    assert isinstance(faiss.downcast_index(ivfpq.index.base_index), faiss.IndexIVFPQFastScan)
+    assert ivfpq.search_params == {"nprobe": faiss.extract_index_ivf(ivfpq.index).nprobe, "k_factor": 2.0}
+    truth, truth_scores = exact.search(queries, k=10)
+    got, scores = ivfpq.search(queries, k=10)
+    assert recall(got, truth) >= 0.9
+    same = got == truth  # re-ranking makes the scores exact, not PQ estimates
+    np.testing.assert_allclose(scores[same], truth_scores[same], atol=1e-5)
+
+
+def test_ivfpq_with_every_list_and_many_candidates_is_exact(pins, exact, ivfpq):
+    _, _, queries = pins
+    before = ivfpq.search_params
+    try:
+        ivfpq.set_search_params(nprobe=faiss.extract_index_ivf(ivfpq.index).nlist, k_factor=50)
+        assert recall(ivfpq.search(queries, k=10)[0], exact.search(queries, k=10)[0]) >= 0.995
+    finally:
+        ivfpq.set_search_params(**before)
+    assert ivfpq.search_params == before
+    with pytest.raises(ValueError, match="applies to ivfpq"):
+        ivfpq.set_search_params(k_factor=0.5)
+    with pytest.raises(ValueError, match="applies to HNSW"):
+        ivfpq.set_search_params(ef_search=64)
 
 
 def test_hnsw_recall_at_10_against_exact(pins, exact):
@@ -87,7 +123,7 @@ def test_hnsw_recall_at_10_against_exact(pins, exact):
     assert hnsw.kind == "hnsw" and recall(hnsw.search(queries, k=10)[0], truth) >= 0.9
 
 
-@pytest.mark.parametrize("which", ["exact", "ivf"])
+@pytest.mark.parametrize("which", ["exact", "ivf", "ivfpq"])
 def test_ids_map_back_to_entity_ids(pins, which, request):
     ids, emb, _ = pins
     index = request.getfixturevalue(which)
@@ -97,15 +133,37 @@ def test_ids_map_back_to_entity_ids(pins, which, request):
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
-def test_save_load_round_trip(pins, ivf, tmp_path):
+@pytest.mark.parametrize("which", ["ivf", "ivfpq"])
+def test_save_load_round_trip(pins, which, request, tmp_path):
     _, _, queries = pins
-    path = ivf.save(tmp_path / "ctr-pin-2026-01-03")
-    loaded = AnnIndex.load(path)
-    assert (loaded.kind, len(loaded), loaded.dim, loaded.search_params) == ("ivf", len(ivf), DIM, ivf.search_params)
-    for a, b in zip(loaded.search(queries, k=10), ivf.search(queries, k=10)):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="already exists"):
-        ivf.save(path)
+    index = request.getfixturevalue(which)
+    index.set_search_params(nprobe=index.search_params["nprobe"] + 1)  # a non-default setting survives
+    try:
+        path = index.save(tmp_path / "ctr-pin-2026-01-03")
+        loaded = AnnIndex.load(path)
+        assert (loaded.kind, len(loaded), loaded.dim) == (which, len(index), DIM)
+        assert loaded.search_params == index.search_params
+        for a, b in zip(loaded.search(queries, k=10), index.search(queries, k=10)):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="already exists"):
+            index.save(path)
+    finally:
+        index.set_search_params(nprobe=index.search_params["nprobe"] - 1)
+
+
+def test_auto_kind_is_ivfpq_on_cpu(pins):
+    ids, emb, _ = pins
+    index = AnnIndex.build(ids[:2_000], emb[:2_000], AnnConfig(exact_max_rows=1_000, use_gpu=False))
+    assert (index.kind, index.on_gpu) == ("ivfpq", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0, reason="needs faiss-gpu and a GPU")
+def test_auto_kind_is_ivf_on_gpu(pins):
+    ids, emb, queries = pins
+    index = AnnIndex.build(ids[:2_000], emb[:2_000], AnnConfig(exact_max_rows=1_000))
+    assert (index.kind, index.on_gpu) == ("ivf", True)
+    assert index.search(queries, k=10)[0].shape == (len(queries), 10)
 
 
 def test_k_beyond_the_pool_pads_with_minus_one():
@@ -123,5 +181,9 @@ def test_bad_arguments_are_refused(exact):
         exact.search(np.zeros((2, DIM), np.float32), k=0)
     with pytest.raises(ValueError, match="kind must be"):
         AnnConfig(kind="pq")
+    with pytest.raises(ValueError, match="refine_k_factor"):
+        AnnConfig(refine_k_factor=0.5)
+    with pytest.raises(ValueError, match="must divide"):
+        AnnIndex.build(np.arange(2_000), np.ones((2_000, DIM), np.float32), AnnConfig(exact_max_rows=1_000, pq_m=5))
     with pytest.raises(ValueError, match="ids"):
         AnnIndex.build(np.arange(3), np.zeros((4, DIM), np.float32))

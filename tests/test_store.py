@@ -370,3 +370,13 @@ def test_publish_cli(backend, tmp_path, capsys):
         publish_main([*where, "--pool", str(tmp_path)])  # no --version
     assert exc.value.code == 2
     assert backend.open().active_version() == "ctr-user-2026-01-04"
+
+
+def test_redis_get_reconnects_after_the_server_drops_the_connection(redis_url):  # noqa: F811
+    store = RedisStore(redis_url, namespace=f"test-{uuid.uuid4().hex[:12]}")
+    const_version(store, "v1", 1.0)
+    store.activate("v1")
+    assert_serves_value(store, 1.0)  # a pooled connection is open now
+    killer = RedisStore(redis_url, namespace="unused").client
+    assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+    assert_serves_value(store, 1.0)  # the pool notices the closed socket at checkout and reconnects
