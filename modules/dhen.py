@@ -11,7 +11,8 @@ count is kept). Every layer keeps the token count except the last, which emits `
 
 The modules (chosen per layer in :class:`~modules.config.DHENConfig`):
 
-- ``transformer``: a pre-norm ``nn.TransformerEncoderLayer`` over the tokens, then the token map;
+- ``transformer``: a pre-norm transformer encoder layer over the tokens
+  (:class:`~modules.attention.TransformerEncoderLayer`), then the token map;
 - ``mlp``: TorchRec ``MLP`` over the flattened tokens;
 - ``masknet``: :class:`~modules.masknet.MaskNet` over the flattened tokens;
 - ``dcn``: TorchRec ``LowRankCrossNet`` (DCNv2) over the flattened tokens.
@@ -33,6 +34,7 @@ from torch import nn
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.mlp import MLP
 
+from modules.attention import TransformerEncoderLayer
 from modules.config import DHENConfig
 from modules.masknet import MaskNet
 
@@ -53,9 +55,7 @@ class TransformerModule(nn.Module):
 
     def __init__(self, in_tokens: int, out_tokens: int, token_dim: int, config: DHENConfig, device=None) -> None:
         super().__init__()
-        self.layer = nn.TransformerEncoderLayer(
-            token_dim, config.num_heads, 2 * token_dim, config.dropout, batch_first=True, norm_first=True, device=device
-        )
+        self.layer = TransformerEncoderLayer(token_dim, config.num_heads, 2 * token_dim, config.dropout, device)
         self.mix = TokenMixer(in_tokens, out_tokens, device) if in_tokens != out_tokens else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,7 @@ def _compute_logits(
     pin_ids: torch.Tensor,
     inv_temperature: torch.Tensor,
     log_q: Optional[torch.Tensor] = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """In-batch logits ``s_ij = <u_i, v_j> / tau - log Q(j)``, accidental hits set to ``-inf``.
 
@@ -172,17 +173,39 @@ def _compute_logits(
             is an accidental hit (the same Pin as row i's positive) and is masked.
         inv_temperature (Tensor): scalar 1 / tau.
         log_q (Optional[Tensor]): [B] log Q(j) of each column's Pin; None: no correction.
+        rows (Optional[Tensor]): [R] int64, the users i to score (default: all B, R = B).
 
     Returns:
-        Tensor: [B, B] logits, row i = user i, column j = Pin j; the diagonal is never masked.
+        Tensor: [R, B] logits, row r = user ``rows[r]``, column j = Pin j; the positive
+        (r, ``rows[r]``) is never masked.
     """
-    logits = (user @ pin.t()) * inv_temperature  # [B, B]
+    if rows is None:
+        rows = torch.arange(user.shape[0], device=user.device)
+    logits = (user.index_select(0, rows) @ pin.t()) * inv_temperature  # [R, B]
     if log_q is not None:
         # Column-wise (Yi et al. 2019, eq. 3): Pin j's correction is the same for every user.
         logits = logits - log_q.unsqueeze(0)
-    hits = pin_ids.unsqueeze(1) == pin_ids.unsqueeze(0)  # [B, B]
-    hits = hits.fill_diagonal_(False)  # fresh tensor; the positive itself is not a hit
+    columns = torch.arange(pin_ids.shape[0], device=pin_ids.device)
+    # Same Pin, but not the row's own positive, which is never its own negative.
+    hits = (pin_ids.index_select(0, rows).unsqueeze(1) == pin_ids.unsqueeze(0)) & (rows.unsqueeze(1) != columns)  # [R, B]
     return logits.masked_fill(hits, float("-inf"))
+
+
+@torch.fx.wrap
+def _scored_rows(positive: torch.Tensor, all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows to score, [R] int64, and which of them are positive, [R] bool.
+
+    Only positive rows enter the loss. On CPU, score just those (R = |P|, about the click rate
+    times B) rather than all B: the [B, B] logits and their softmax were most of the loss's cost.
+    On CUDA the full matrix is cheap, and selecting by a mask would make the host wait for the
+    device, so all B rows are scored and the mask applied after. (Wrapped for torch.fx: a leaf
+    call, since tracing cannot branch on the device or the data.) ``all_rows``: score all B
+    anyway (the reference path of ``bench/bench_train.py``).
+    """
+    if positive.device.type == "cpu" and not all_rows:
+        rows = positive.nonzero().squeeze(1)
+        return rows, torch.ones_like(rows, dtype=torch.bool)
+    return torch.arange(positive.numel(), device=positive.device), positive
 
 
 class SampledSoftmaxLoss(nn.Module):
@@ -252,6 +275,9 @@ class SampledSoftmaxLoss(nn.Module):
         self.max_inv_temperature = max_inv_temperature
         self.logq_correction = logq_correction
         self.log_inv_temperature = nn.Parameter(torch.empty((), device=device))
+        self.score_all_rows = False
+        """Score all B rows on CPU too (as on CUDA) rather than the positive ones: the same loss,
+        more work; the reference path of ``bench/bench_train.py``."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -291,13 +317,13 @@ class SampledSoftmaxLoss(nn.Module):
             log_q = None
         elif log_q is None:
             raise ValueError("log_q is required when logq_correction=True (or build with logq_correction=False)")
-        logits = _compute_logits(user, pin, pin_ids, self._inv_temperature(), log_q)  # [B, B]
-        # -log softmax at the diagonal; the diagonal is never masked, so each row is finite.
-        per_row = torch.logsumexp(logits, dim=1) - logits.diagonal()  # [B]
-        weights = positive.to(per_row.dtype)
+        rows, keep = _scored_rows(positive, self.score_all_rows)
+        logits = _compute_logits(user, pin, pin_ids, self._inv_temperature(), log_q, rows)  # [R, B]
+        # -log softmax at each row's own Pin, which is never masked, so each row is finite.
+        per_row = torch.logsumexp(logits, dim=1) - logits.gather(1, rows.unsqueeze(1)).squeeze(1)  # [R]
         # where, not multiply: a non-positive row never leaks inf/NaN into the sum.
-        total = torch.where(positive, per_row, torch.zeros_like(per_row)).sum()
-        return total / weights.sum().clamp(min=1.0)
+        total = torch.where(keep, per_row, torch.zeros_like(per_row)).sum()
+        return total / positive.to(per_row.dtype).sum().clamp(min=1.0)
 
     def extra_repr(self) -> str:
         return (

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from modules.attention import TransformerEncoder
 from modules.config import SequenceConfig
 from trainer.data.spec import SequenceFeature
 
@@ -46,10 +47,7 @@ class SequenceEncoder(nn.Module):
         )
         self.summary = nn.Parameter(torch.randn(token_dim, device=device) * 0.02)
         self.position = nn.Parameter(torch.randn(feature.max_length + 1, token_dim, device=device) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            token_dim, config.num_heads, 2 * token_dim, config.dropout, batch_first=True, norm_first=True, device=device
-        )
-        self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
+        self.encoder = TransformerEncoder(config.num_layers, token_dim, config.num_heads, 2 * token_dim, config.dropout, device)
         self.norm = nn.LayerNorm(token_dim, device=device)
 
     def forward(self, sequence: JaggedTensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,4 +62,4 @@ class SequenceEncoder(nn.Module):
         slots = torch.arange(self.max_length, device=x.device)
         padding = slots.unsqueeze(0) >= sequence.lengths().unsqueeze(1)  # [B, L], True = no item
         mask = torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1)
-        return self.norm(self.encoder(x, src_key_padding_mask=mask)[:, 0])
+        return self.norm(self.encoder(x, mask, num_queries=1)[:, 0])  # only the summary token is read
