@@ -16,8 +16,9 @@ and the attention core in float32: on this project's shapes (B·H matrices of L 
 the fused CPU kernel's bfloat16 backward was 4-7× slower than its float32 one, and the math
 backend's bfloat16 batched matmuls slower still (``bench/bench_train.py``; TORCHREC-NOTES.md).
 
-``attention = "reference"`` on a layer (:func:`set_attention`) runs ``nn.MultiheadAttention``'s own
-function on the same parameters instead: the baseline of the speed benchmark and of the tests.
+:func:`set_attention` (``model, "reference"``) switches the layers back to the path before issue 13:
+``nn.MultiheadAttention``'s own function on the same parameters, every token through every layer.
+The baseline of the speed benchmark and of the tests.
 
 Glossary: B batch, L tokens (sequence length), D width, H heads, d = D / H.
 """
@@ -66,7 +67,7 @@ class SelfAttention(nn.Module):
         """``x`` [B, L, D]; ``key_padding_mask`` [B, L] bool, True = a padded slot no token attends
         to; ``num_queries`` N: only the first N tokens attend (all L by default) -> [B, N, D]."""
         if self.kernel == "reference":
-            return self._reference(x, key_padding_mask)[:, :num_queries]
+            return self._reference(x, key_padding_mask)[:, :num_queries]  # every query, then the slice
         D = self.dim
         if num_queries is None:
             qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
@@ -136,6 +137,8 @@ class TransformerEncoderLayer(nn.Module):
         of the first ``num_queries`` = N tokens (all L by default). Every token is still attended
         to; a reader of the first token alone (the sequence encoder's summary) skips the rest of
         the queries, the output projection and the feed-forward of L - 1 tokens."""
+        if self.self_attn.kernel == "reference" and num_queries is not None:
+            return self.forward(x, key_padding_mask)[:, :num_queries]  # as before: every token, then the slice
         x = x[:, :num_queries] + self.dropout1(self.self_attn(self.norm1(x), key_padding_mask, num_queries))
         return x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(self.norm2(x))))))
 

@@ -175,3 +175,31 @@ def test_derm_step_fast_path_equals_reference_and_bf16_is_close(tiny_world):
     low = _derm_grads(task, batch)
     assert abs(low[0] - fast[0]) / fast[0] < 0.01
     assert (low[1] - fast[1]).norm() / fast[1].norm() < 0.1
+
+
+def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
+    from modules import precision
+
+    monkeypatch.setattr(precision, "has_bf16_matrix_units", lambda device_type: device_type == "cpu")
+    assert precision.resolve_mixed_precision("auto", "cpu") == "bf16"
+    assert precision.resolve_mixed_precision("auto", "cuda") == "none"
+    assert precision.resolve_mixed_precision("none", "cpu") == "none"
+    with pytest.raises(ValueError, match="mixed precision must be one of"):
+        precision.resolve_mixed_precision("fp16", "cpu")
+
+
+def test_thread_policy(monkeypatch):
+    from trainer.distributed import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_threads() == 4 and torch.get_num_threads() == 4
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+        assert set_threads() == 1
+        assert set_threads(3) == 3
+        with pytest.raises(ValueError, match="threads must be >= 0"):
+            set_threads(-1)
+    finally:
+        torch.set_num_threads(before)

@@ -155,5 +155,7 @@ def test_bf16_mixed_precision_trains_with_float32_losses(tiny_world, tmp_path):
     assert loss.dtype == parts["contrastive"].dtype == torch.float32  # the losses did not
     assert stats["steps"] == 3 and np.isfinite(stats["mean_loss"])
     assert 0.0 <= metrics["conversion"]["roc_auc"] <= 1.0
-    with pytest.raises(ValueError, match="mixed_precision must be none or bf16"):
+    with pytest.raises(ValueError, match="mixed_precision must be one of auto, none, bf16"):
         load_config(None, ["train.mixed_precision=fp16"])
+    with pytest.raises(ValueError, match="train.threads must be >= 0"):
+        load_config(None, ["train.threads=-1"])

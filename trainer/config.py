@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import tomli_w
 
 from modules.config import DERMConfig
+from modules.precision import MIXED_PRECISION_MODES
 from sharding.dmp import OptimizerConfig
 from trainer.data.synthetic.config import PRESETS
 
@@ -87,9 +88,14 @@ class TrainConfig:
     """auto (cuda when available), cpu or cuda."""
     pipeline: bool = True
     """Use TorchRec's TrainPipelineSparseDist (input distribution overlapped with compute)."""
-    mixed_precision: str = "none"
-    """none, or bf16: the model's dense forward under ``torch.autocast`` in bfloat16; tables,
-    optimizer state and losses stay float32 (``modules/precision.py``)."""
+    mixed_precision: str = "auto"
+    """auto, none or bf16. bf16: the model's dense forward under ``torch.autocast`` in bfloat16;
+    tables, optimizer state and losses stay float32 (``modules/precision.py``). auto: bf16 where
+    the device has bfloat16 matrix units (CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX),
+    none elsewhere."""
+    threads: int = 0
+    """Intra-op CPU threads per rank; 0: the cores this process may use // ranks on this host
+    (``trainer.distributed.set_threads``). On a shared machine, set the cores that are yours."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,10 @@ def check_data_train(d: DataConfig, t: TrainConfig) -> None:
         raise ValueError("train.day is for incremental mode; initial mode takes train.days")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
-    if t.mixed_precision not in ("none", "bf16"):
-        raise ValueError(f"train.mixed_precision must be none or bf16, got {t.mixed_precision!r}")
+    if t.mixed_precision not in MIXED_PRECISION_MODES:
+        raise ValueError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION_MODES)}, got {t.mixed_precision!r}")
+    if t.threads < 0:
+        raise ValueError(f"train.threads must be >= 0 (0: cores // ranks on this host), got {t.threads}")
     for name in ("batch_size", "eval_batch_size"):
         if getattr(d, name) < 1:
             raise ValueError(f"data.{name} must be >= 1, got {getattr(d, name)}")

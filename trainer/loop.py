@@ -58,6 +58,7 @@ class Trainer:
         self.model_config = config.model  # what snapshots record and are checked against
         task = self._build_task()
         task.set_mixed_precision(config.train.mixed_precision, ctx.device.type)
+        log.info("mixed precision: %s (train.mixed_precision = %s)", task.autocast_dtype or "float32", config.train.mixed_precision)
         self.model, self.optimizer = shard_model(task, ctx.device, config.optimizer)
         self.labels = task.model.labels
         self.global_step = 0

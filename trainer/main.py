@@ -68,19 +68,22 @@ def main(argv: list[str] | None = None, config_cls: type = RunConfig, prog: str 
         return 2
 
     # Imported here so that `--help` and config errors answer without loading TorchRec.
+    import torch
+
     from sharding.checkpoint import SnapshotError
     from trainer.data.columns import DataError
     from trainer.data.spec import SpecError
     from trainer.distributed import init_distributed, shutdown
     from trainer.loop import run
 
-    ctx = init_distributed(config.train.device)
+    ctx = init_distributed(config.train.device, threads=config.train.threads)
     setup_logging(rank=ctx.rank)
     try:
         _ensure_data(config, ctx)
         if ctx.is_main:
             dump_config(config, Path(config.train.run_dir) / "config.toml")
-        log.info("rank %d/%d on %s (%s); run dir %s", ctx.rank, ctx.world_size, ctx.device, ctx.backend, config.train.run_dir)
+        log.info("rank %d/%d on %s (%s), %d intra-op thread(s); run dir %s", ctx.rank, ctx.world_size, ctx.device,
+                 ctx.backend, torch.get_num_threads(), config.train.run_dir)
         if downstream:
             from trainer.downstream import run_downstream
 
