@@ -90,7 +90,13 @@ def shard_model(
             local_world_size=_local_world_size(world_size),
         )
         plan = planner.collective_plan(module, sharders(), pg)  # rank 0 plans, the others receive it
-    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders())
+    # One rank has no peer to all-reduce dense gradients with, yet DDP would still copy them into
+    # its buckets each step (7 % of a one-rank DERM step on CPU, bench/bench_train.py). State-dict
+    # keys are the same either way (DMP strips DDP's prefix), so snapshots reshard across both.
+    dmp = DistributedModelParallel(
+        module, env=ShardingEnv.from_process_group(pg), device=device, plan=plan, sharders=sharders(),
+        init_data_parallel=dist.get_world_size(pg) > 1,
+    )
     dense_cls = DENSE_OPTIMIZERS[optimizer.dense]
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),

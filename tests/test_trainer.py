@@ -63,6 +63,7 @@ def _two_ranks(rank: int, world_size: int, root: str, run_dir: str) -> dict:
     trainer = Trainer(incremental, ctx)
     trainer.load(trainer.snapshot_path(D3))
     trainer.model.eval()
+    trainer.model.module.set_mixed_precision("none", "cpu")  # float32, as the unsharded check computes
     batch = next(iter(make_loader(root, "cvr", 64, days=[D1], rank=rank, world_size=world_size)))
     with torch.no_grad():
         _, (_, emb) = trainer.model(batch)
