@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every benchmark prints a table; figures and machines are kept in docs/benchmarks.md and
-# docs/lifecycle.md. About 20 minutes on 2 cores.
+# docs/lifecycle.md. About 45 minutes on 2 cores.
 bench: $(STAMP)
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_train.py
@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_aggregate.py
 	$(PY) bench/bench_serving.py
 	$(PY) bench/bench_projection.py
+	$(PY) bench/bench_precision.py
 
 clean:
 	rm -rf runs .pytest_cache
