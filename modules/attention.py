@@ -11,10 +11,14 @@ Same computation, parameters and state-dict keys as ``nn.TransformerEncoderLayer
 Why not ``nn.MultiheadAttention``: in training it runs the packed in-projection path, whose backward
 zero-fills and clones three [3, L, B, D] buffers (about 10 % of a DERM step on CPU; measured in
 ``bench/bench_train.py``). Here one linear makes Q, K and V, a ``view`` splits them into heads
-without copying, and ``F.scaled_dot_product_attention`` attends. Under CPU autocast the projections run in bfloat16
-and the attention core in float32: on this project's shapes (B·H matrices of L ≤ 33 by d = 16)
-the fused CPU kernel's bfloat16 backward was 4-7× slower than its float32 one, and the math
-backend's bfloat16 batched matmuls slower still (``bench/bench_train.py``; TORCHREC-NOTES.md).
+without copying, and ``F.scaled_dot_product_attention`` attends. Under CPU autocast the
+projections run in bfloat16 and the attention core in float32: on this project's shapes (B·H
+matrices of L ≤ 33 by d = 16) the fused CPU kernel's bfloat16 backward was 4-7× slower than its
+float32 one, and the math backend's bfloat16 batched matmuls 2-5× (docs/benchmarks.md).
+
+A reader of the first N tokens alone (the sequence encoder's summary token) passes
+``num_queries = N``: every token is still a key and a value, but only N queries, output
+projections and feed-forwards are computed.
 
 :func:`set_attention` (``model, "reference"``) switches the layers back to the path before issue 13:
 ``nn.MultiheadAttention``'s own function on the same parameters, every token through every layer.
