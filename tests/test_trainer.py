@@ -5,6 +5,7 @@ command line refusing bad input without touching what exists."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,14 @@ def test_initial_training_lowers_the_loss_and_evaluates(two_rank_run):
     assert summary["eval_day"] == D3 and conv["count"] == 2000  # both ranks' rows, gathered
     assert 0.5 < conv["roc_auc"] < 1 and 0 < conv["ne"] and "oracle_roc_auc" in conv
     assert ranks[1]["initial"]["eval"] == summary["eval"]
+    # Representation quality of the eval day's embeddings, over both ranks' rows (issue 11).
+    quality = summary["embedding_quality"]
+    assert quality == ranks[1]["initial"]["embedding_quality"]
+    assert -1 <= quality["user_mean_pairwise_cosine"] <= 1 and -1 <= quality["pin_mean_pairwise_cosine"] <= 1
+    assert 1 <= quality["user_effective_rank"] <= MODEL.embedding_dim and 1 <= quality["pin_effective_rank"] <= MODEL.embedding_dim
+    assert quality["positives"] > 0 and 0 <= quality["popularity_recall_at_10"] <= quality["popularity_recall_at_100"] <= 1
+    assert 0 <= quality["recall_at_10"] <= quality["recall_at_100"] <= 1
+    assert quality["ln_batch"] == pytest.approx(math.log(500), abs=1e-4) and quality["contrastive_loss"] > 0
     for day in (D1, D2, D3):
         snap = run_dir / "snapshots" / f"day={day}"
         assert (snap / "meta.json").exists() and (snap / ".metadata").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -36,7 +37,7 @@ from trainer.data.batch import Batch
 from trainer.data.loader import make_loader
 from trainer.data.spec import load_spec
 from trainer.distributed import DistContext
-from trainer.metrics import binary_metrics
+from trainer.metrics import binary_metrics, embedding_quality
 
 log = logging.getLogger("derm.train")
 
@@ -63,6 +64,8 @@ class Trainer:
         self.labels = task.model.labels
         self.global_step = 0
         self.days_trained: list[str] = []
+        self.embedding_quality: dict[str, float] | None = None
+        """Representation quality of the last evaluation (upstream models; None before one)."""
         self.writer = SummaryWriter(str(self.run_dir / "tb")) if ctx.is_main else None
 
     def _build_task(self) -> torch.nn.Module:
@@ -165,18 +168,24 @@ class Trainer:
         steps = _all_reduce_int(len(loader), dist.ReduceOp.MAX, self.ctx.device)
         self.model.eval()
         preds, labels, oracle = [], [], []
+        entities: dict[str, list[torch.Tensor]] = defaultdict(list)  # upstream models: embeddings and ids
         it, batch = self._prepare(iter(loader)), None
         for _ in range(steps):
             nxt = next(it, None)
             batch, keep = (nxt, True) if nxt is not None else (batch, False)
-            _, (_, out) = self.model(batch.to(self.ctx.device))
+            _, (parts, out) = self.model(batch.to(self.ctx.device))
             if keep:
                 preds.append(torch.sigmoid(out.logits.float()).cpu())
                 labels.append(batch.labels)
                 if batch.oracle is not None:
                     oracle.append(batch.oracle)
+                if hasattr(out, "user_embedding"):
+                    for k, v in (("user", out.user_embedding), ("pin", out.pin_embedding), ("user_id", batch.user_id),
+                                 ("pin_id", batch.pin_id), ("contrastive", parts["contrastive"].reshape(1)),
+                                 ("temperature", parts["temperature"].reshape(1))):
+                        entities[k].append(v.detach().float().cpu() if v.is_floating_point() else v.cpu())
         T, dev = len(self.labels), self.ctx.device
-        gather = lambda rows: all_gather_ids()(torch.cat(rows).to(dev).flatten()).cpu().view(-1, T)  # noqa: E731
+        gather = lambda rows, width=T: all_gather_ids()(torch.cat(rows).to(dev).flatten()).cpu().view(-1, width)  # noqa: E731
         p, y = gather(preds), gather(labels)  # every rank's rows, in rank order
         o = gather(oracle) if oracle else None
         metrics = {}
@@ -188,8 +197,35 @@ class Trainer:
             if self.writer is not None:
                 for k in ("roc_auc", "pr_auc", "ne", "calibration"):
                     self.writer.add_scalar(f"eval/{label}_{k}", m[k], self.global_step)
+        if entities:
+            emb = {k: gather(entities[k], entities[k][0].shape[1]) for k in ("user", "pin")}
+            ids = {k: gather(entities[k], 1).flatten() for k in ("user_id", "pin_id", "contrastive", "temperature")}
+            quality = embedding_quality(emb["user"], emb["pin"], ids["user_id"], ids["pin_id"], y.amax(dim=1) > 0.5,
+                                        self._popularity(torch.unique(ids["pin_id"])))
+            quality.update(contrastive_loss=round(float(ids["contrastive"].mean()), 4),
+                           ln_batch=round(math.log(self.config.data.eval_batch_size), 4),
+                           temperature=round(float(ids["temperature"].mean()), 5))
+            self.embedding_quality = quality
+            if self.writer is not None:
+                for k, v in quality.items():
+                    if isinstance(v, (int, float)):
+                        self.writer.add_scalar(f"eval/embedding_{k}", v, self.global_step)
         self.model.train()
         return metrics
+
+    def _popularity(self, pins: torch.Tensor) -> torch.Tensor | None:
+        """Positive rows per Pin of ``pins`` [P] on the last trained day (what a popularity
+        ranking knows before the eval day); None before any day is trained."""
+        if not self.days_trained:
+            return None
+        loader = make_loader(self.root, self.source, self.config.data.eval_batch_size, days=[self.days_trained[-1]],
+                             rank=self.ctx.rank, world_size=self.ctx.world_size, spec=self.spec)
+        engaged = [b.pin_id[b.labels.amax(dim=1) > 0.5] for b in loader]
+        engaged = all_gather_ids()(torch.cat(engaged).to(self.ctx.device) if engaged else torch.zeros(0, dtype=torch.int64)).cpu()
+        counts = torch.zeros(len(pins))
+        index = torch.searchsorted(pins, engaged).clamp(max=max(len(pins) - 1, 0))
+        known = pins[index] == engaged if len(pins) else torch.zeros(0, dtype=torch.bool)
+        return counts.index_add_(0, index[known], torch.ones(int(known.sum())))
 
     # ---- snapshots --------------------------------------------------------------------------
     def snapshot_path(self, day: str) -> Path:
@@ -256,6 +292,9 @@ def run(config: RunConfig, ctx: DistContext, trainer_cls: type[Trainer] = Traine
             summary["eval_day"] = eval_day
             summary["eval"] = trainer.evaluate(eval_day)
             _log_eval(eval_day, summary["eval"])
+            if trainer.embedding_quality is not None:
+                summary["embedding_quality"] = trainer.embedding_quality
+                log.info("eval %s embeddings: %s", eval_day, "  ".join(f"{k} {v}" for k, v in trainer.embedding_quality.items()))
         summary["global_step"] = trainer.global_step
         summary["snapshot"] = str(trainer.snapshot_path(days[-1]))
         if ctx.is_main:  # summary.json: the latest run; summaries/DAY.json: the run that ended on DAY

@@ -113,6 +113,12 @@ def _summary_table(summary: dict, config) -> str:
         for label, m in summary["eval"].items():
             lines.append(f"{label:<22}{m['roc_auc']:>9.4f}{m['pr_auc']:>9.4f}{m['ne']:>8.4f}{m['calibration']:>8.3f}"
                          f"{m.get('oracle_roc_auc', float('nan')):>12.4f}")
+    q = summary.get("embedding_quality")
+    if q:  # upstream models (trainer/metrics.py embedding_quality)
+        spread = "  ".join(f"{e} cos {q.get(f'{e}_mean_pairwise_cosine', float('nan')):.3f} rank {q.get(f'{e}_effective_rank', float('nan')):.1f}"
+                           for e in ("user", "pin"))
+        recall = f"recall@100 {q.get('recall_at_100', float('nan')):.4f} (popularity {q.get('popularity_recall_at_100', float('nan')):.4f})"
+        lines.append(f"embeddings: {spread}  {recall}  contrastive {q['contrastive_loss']:.3f} (ln B {q['ln_batch']:.3f})")
     run_dir = config.train.run_dir
     lines.append(f"snapshot {summary['snapshot']}; summary {run_dir}/summary.json; tensorboard --logdir {run_dir}/tb")
     return "\n".join(lines)
