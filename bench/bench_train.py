@@ -242,7 +242,7 @@ def _count_flops(model, step) -> float:
 
     def hook(module, args, out):
         B, L, N = args[0].shape[0], args[0].shape[1], out.shape[1]  # N queries attend to L tokens
-        calls.append(attention_flops(B, module.num_heads, 1, module.dim // module.num_heads) * N * L)
+        calls.append(attention_flops(B, module.num_heads, N, L, module.dim // module.num_heads))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SelfAttention)]
     counter = FlopCounterMode(display=False)
@@ -586,7 +586,7 @@ def main() -> None:
                 results = _run_paths({**job, "steps": args.steps, "warmup": args.warmup}, paths, Path(tmp), args.max_wait)
                 base, ref = results["baseline"], results.get("reference")
                 for path, r in results.items():
-                    c = ceilings[r["threads"]] if r["threads"] in ceilings else _ceilings([r["threads"]])[r["threads"]]
+                    c = ceilings[r["threads"]]  # the ranks' threads follow the same policy
                     share = lambda dtype: 100 * r["gflops"] / (world * c[dtype])  # noqa: E731  (each rank its own ceiling)
                     vs_ref = f"{ref['step_ms'] / r['step_ms']:.2f}" if ref is not None else ""
                     tr = f"{r['examples_s'] / base['examples_s']:.2f}" if path == "torchrec" else ""

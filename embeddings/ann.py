@@ -99,14 +99,14 @@ class AnnConfig:
             raise ValueError(f"AnnConfig.refine_k_factor must be >= 1, got {self.refine_k_factor!r}")
         if self.pq_m < 0:
             raise ValueError(f"AnnConfig.pq_m must be >= 0 (0 = one code per dim), got {self.pq_m!r}")
+        if self.nprobe < 0:
+            raise ValueError(f"AnnConfig.nprobe must be >= 0 (0 = automatic), got {self.nprobe!r}")
 
     def index_kind(self) -> str:
         """The kind built above ``exact_max_rows``: ``kind``, with "auto" resolved for this machine."""
         if self.kind != "auto":
             return self.kind
         return "ivf" if _want_gpu(self.use_gpu) else "ivfpq"
-        if self.nprobe < 0:
-            raise ValueError(f"AnnConfig.nprobe must be >= 0 (0 = automatic), got {self.nprobe!r}")
 
 
 def _unit_rows(x: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:

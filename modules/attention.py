@@ -175,10 +175,11 @@ def set_attention(model: nn.Module, kernel: str) -> int:
     return len(layers)
 
 
-def attention_flops(batch: int, heads: int, length: int, head_dim: int) -> int:
-    """Forward FLOPs of the attention product and weighted sum of one call, 4·B·H·L²·d (the CPU
-    SDPA kernels are invisible to ``torch.utils.flop_counter``; backward is about twice this)."""
-    return 4 * batch * heads * length * length * head_dim
+def attention_flops(batch: int, heads: int, queries: int, keys: int, head_dim: int) -> int:
+    """Forward FLOPs of the attention product and weighted sum of one call, 4·B·H·N·L·d for N
+    queries over L keys (the CPU SDPA kernels are invisible to ``torch.utils.flop_counter``;
+    backward is about twice this)."""
+    return 4 * batch * heads * queries * keys * head_dim
 
 
 __all__ = ["SelfAttention", "TransformerEncoderLayer", "TransformerEncoder", "set_attention", "attention_flops", "ATTENTION_KERNELS"]

@@ -183,6 +183,8 @@ def test_bad_arguments_are_refused(exact):
         AnnConfig(kind="pq")
     with pytest.raises(ValueError, match="refine_k_factor"):
         AnnConfig(refine_k_factor=0.5)
+    with pytest.raises(ValueError, match="nprobe must be >= 0"):
+        AnnConfig(nprobe=-1)
     with pytest.raises(ValueError, match="must divide"):
         AnnIndex.build(np.arange(2_000), np.ones((2_000, DIM), np.float32), AnnConfig(exact_max_rows=1_000, pq_m=5))
     with pytest.raises(ValueError, match="ids"):

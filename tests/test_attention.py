@@ -109,7 +109,8 @@ def test_bf16_autocast_is_close_to_float32():
 
 
 def test_attention_flops():
-    assert attention_flops(2, 3, 5, 7) == 4 * 2 * 3 * 5 * 5 * 7
+    assert attention_flops(2, 3, 5, 5, 7) == 4 * 2 * 3 * 5 * 5 * 7
+    assert attention_flops(2, 3, 1, 5, 7) == 4 * 2 * 3 * 1 * 5 * 7  # one query over five keys
 
 
 @pytest.mark.parametrize("logq", [False, True])

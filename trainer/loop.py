@@ -179,11 +179,13 @@ class Trainer:
                 labels.append(batch.labels)
                 if batch.oracle is not None:
                     oracle.append(batch.oracle)
-                if hasattr(out, "user_embedding"):
-                    for k, v in (("user", out.user_embedding), ("pin", out.pin_embedding), ("user_id", batch.user_id),
-                                 ("pin_id", batch.pin_id), ("contrastive", parts["contrastive"].reshape(1)),
-                                 ("temperature", parts["temperature"].reshape(1))):
-                        entities[k].append(v.detach().float().cpu() if v.is_floating_point() else v.cpu())
+                if hasattr(out, "user_embedding"):  # an upstream model
+                    entities["user"].append(out.user_embedding.float().cpu())
+                    entities["pin"].append(out.pin_embedding.float().cpu())
+                    entities["user_id"].append(batch.user_id)
+                    entities["pin_id"].append(batch.pin_id)
+                    entities["contrastive"].append(parts["contrastive"].reshape(1).cpu())
+                    entities["temperature"].append(parts["temperature"].reshape(1).cpu())
         T, dev = len(self.labels), self.ctx.device
         gather = lambda rows, width=T: all_gather_ids()(torch.cat(rows).to(dev).flatten()).cpu().view(-1, width)  # noqa: E731
         p, y = gather(preds), gather(labels)  # every rank's rows, in rank order
@@ -222,10 +224,8 @@ class Trainer:
                              rank=self.ctx.rank, world_size=self.ctx.world_size, spec=self.spec)
         engaged = [b.pin_id[b.labels.amax(dim=1) > 0.5] for b in loader]
         engaged = all_gather_ids()(torch.cat(engaged).to(self.ctx.device) if engaged else torch.zeros(0, dtype=torch.int64)).cpu()
-        counts = torch.zeros(len(pins))
-        index = torch.searchsorted(pins, engaged).clamp(max=max(len(pins) - 1, 0))
-        known = pins[index] == engaged if len(pins) else torch.zeros(0, dtype=torch.bool)
-        return counts.index_add_(0, index[known], torch.ones(int(known.sum())))
+        engaged = engaged[torch.isin(engaged, pins)]  # Pins not on the eval day are no candidates
+        return torch.bincount(torch.searchsorted(pins, engaged), minlength=len(pins)).float()
 
     # ---- snapshots --------------------------------------------------------------------------
     def snapshot_path(self, day: str) -> Path:
