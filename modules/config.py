@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 INTERACTION_MODULES = ("masknet", "transformer", "mlp", "dcn")
 MASKNET_MODES = ("serial", "parallel")
+DENSE_NORMS = ("none", "batch")
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,26 @@ class DERMConfig:
     """BCE weight per label, in the source's label order (default: 1 each)."""
     positive_labels: tuple[str, ...] = ()
     """Labels that make a (user, Pin) pair positive for the contrastive task (default: all)."""
-    contrastive_weight: float = 0.1
-    """lambda in L = sum_t w_t BCE_t + lambda L_contrastive."""
-    init_temperature: float = 0.1
+    contrastive_weight: float = 1.0
+    """lambda in L = sum_t w_t BCE_t + lambda L_contrastive. 1.0, not 0.1: the BCE heads read the
+    same tokens, and at 0.1 they shaped the published embedding alone (docs/model.md,
+    "Representation quality")."""
+    init_temperature: float = 0.2
+    """tau at the start (learned after). 0.2, not CLIP's 0.07 or our earlier 0.1: a low tau lets
+    unit embeddings reach large logits while packed in a narrow cone (docs/model.md,
+    "Representation quality")."""
+    max_inv_temperature: float = 100.0
+    """Upper bound of the learned 1/tau (CLIP's 100)."""
+    center: tuple[str, ...] = ("pin",)
+    """Entity towers (``user``, ``pin``) whose flattened output tokens pass a BatchNorm without
+    affine before the unit norm: every dimension centred and scaled over the batch, so that no
+    direction common to all entities survives. The Pin tower by default: the sampled softmax cannot
+    see a direction shared by every Pin (it adds the same amount to a user's every logit). The
+    user tower not: a direction shared by every user is how ``<user, Pin>`` ranks popular Pins
+    first (docs/model.md, "Representation quality")."""
+    dense_norm: str = "batch"
+    """Scalar dense features of each tower before their token map: ``batch`` (a BatchNorm over
+    them, so raw counts enter centred and at unit scale) or ``none``."""
     logq_correction: bool = True
     """Subtract log of each Pin's estimated in-batch frequency from its logits (Yi et al. 2019)."""
     estimator_buckets: int = 1 << 20
@@ -110,6 +128,12 @@ class DERMConfig:
             raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
         if self.init_temperature <= 0:
             raise ValueError(f"init_temperature must be > 0, got {self.init_temperature}")
+        if 1.0 / self.init_temperature > self.max_inv_temperature:
+            raise ValueError(f"1 / init_temperature ({1.0 / self.init_temperature:g}) exceeds max_inv_temperature ({self.max_inv_temperature:g})")
+        if any(e not in ("user", "pin") for e in self.center):
+            raise ValueError(f"center names entity towers, user and/or pin; got {list(self.center)}")
+        if self.dense_norm not in DENSE_NORMS:
+            raise ValueError(f"dense_norm must be one of {DENSE_NORMS}, got {self.dense_norm!r}")
 
     @property
     def embedding_dim(self) -> int:

@@ -140,6 +140,7 @@ def build_derm(
         contrastive_weight=config.contrastive_weight,
         positive_tasks=[labels.index(l) for l in (config.positive_labels or labels)],
         init_temperature=config.init_temperature,
+        max_inv_temperature=config.max_inv_temperature,
         logq_correction=config.logq_correction,
         num_buckets=config.estimator_buckets,
         alpha=config.estimator_alpha,

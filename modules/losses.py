@@ -239,7 +239,8 @@ class SampledSoftmaxLoss(nn.Module):
     zeros, never NaN), so every rank runs the same backward.
 
     Args:
-        init_temperature (float): tau at initialisation; 0.07 as in CLIP.
+        init_temperature (float): tau at initialisation; 0.07 as in CLIP (the model is built
+            with ``DERMConfig.init_temperature``, 0.2).
         max_inv_temperature (float): upper bound of 1/tau in the forward; 100 as in CLIP.
         logq_correction (bool): subtract log Q(j) from the logits; if True, ``forward`` needs
             ``log_q``.
@@ -400,8 +401,9 @@ class DERMLoss(nn.Module):
     Args:
         num_tasks (int): T, the number of label columns.
         task_weights (Optional[Sequence[float]]): w_t; default all 1.0.
-        contrastive_weight (float): lambda; the paper gives no value. 0.1 brings the sampled
-            softmax (about log B at start, ~7 for B = 1024) near the scale of the BCE sum.
+        contrastive_weight (float): lambda; the paper gives no value. The model is built with
+            ``DERMConfig.contrastive_weight`` (1.0): at 0.1 the BCE heads, which read the same
+            tower outputs, shaped the embeddings alone (docs/model.md, "Representation quality").
         positive_tasks (Optional[Sequence[int]]): label columns that make a pair positive;
             default all.
         init_temperature (float): see :class:`SampledSoftmaxLoss`.

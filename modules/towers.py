@@ -33,6 +33,25 @@ from modules.sequence import SequenceEncoder
 from trainer.data.spec import FeatureSpec
 
 
+@torch.fx.wrap
+def _batch_norm(x, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float) -> torch.Tensor:
+    """``F.batch_norm``, but a one-row batch in training is normalised with the running statistics
+    (left as they are). A leaf for torch.fx, which cannot trace the branch on the batch size."""
+    if training and x.shape[0] == 1:
+        training = False
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that also takes a one-row batch in training, normalising it with the
+    running statistics where ``BatchNorm1d`` raises: a day's last batch on a rank can hold a single
+    row. Statistics are per rank, as DLRM-style dense layers keep them; with the default per-rank
+    batches (hundreds of rows and more) they are stable. (Fixed momentum only.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps)
+
+
 class FeatureTokens(nn.Module):
     """One tower's features -> [B, num_tokens, D] (see the module docstring).
 
@@ -54,6 +73,10 @@ class FeatureTokens(nn.Module):
         )
         self.scalar_names = [f.name for f in spec.dense if f.tower == tower and f.width == 1]
         self.scalars = nn.Linear(len(self.scalar_names), D, device=device) if self.scalar_names else None
+        self.scalar_norm = (
+            BatchNorm(len(self.scalar_names), device=device)
+            if self.scalar_names and config.dense_norm == "batch" else nn.Identity()
+        )
         self.vectors = nn.ModuleDict(
             {f.name: nn.Linear(f.width, D, device=device) for f in spec.dense if f.tower == tower and f.width > 1}
         )
@@ -71,7 +94,7 @@ class FeatureTokens(nn.Module):
         tokens = [proj(pooled[name]) for name, proj in self.sparse.items()]
         tokens += [enc(sequences[name], sequence_side[name]) for name, enc in self.sequences.items()]
         if self.scalars is not None:
-            tokens.append(self.scalars(torch.cat([dense[n] for n in self.scalar_names], dim=1)))
+            tokens.append(self.scalars(self.scalar_norm(torch.cat([dense[n] for n in self.scalar_names], dim=1))))
         tokens += [proj(dense[name]) for name, proj in self.vectors.items()]
         return torch.stack(tokens, dim=1)
 
@@ -86,11 +109,14 @@ class EntityTower(nn.Module):
         if self.inputs.num_tokens == 0:
             raise ValueError(f"the {tower} tower has no features: give some spec features tower = \"{tower}\"")
         self.dhen = DHEN(self.inputs.num_tokens, config.token_dim, dhen, out_tokens=config.embedding_tokens, device=device)
+        self.center = (
+            BatchNorm(config.embedding_dim, affine=False, device=device) if tower in config.center else nn.Identity()
+        )
 
     def forward(self, pooled, sequences, sequence_side, dense) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [B, embedding_tokens, D], embedding [B, E] with unit L2 norm)."""
         tokens = self.dhen(self.inputs(pooled, sequences, sequence_side, dense))
-        return tokens, F.normalize(tokens.flatten(1), dim=1)
+        return tokens, F.normalize(self.center(tokens.flatten(1)), dim=1)
 
 
 class InteractionTower(nn.Module):

@@ -3,6 +3,8 @@ gradients everywhere, meta builds, FX tracing, and the model under DistributedMo
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchrec.fx
@@ -47,6 +49,50 @@ def test_forward_shapes_unit_norm_and_gradients_everywhere(tiny_world, source):
     assert not dead, f"no gradient reached {dead}"
 
 
+def test_centred_embeddings_and_normalised_counts(tiny_world):
+    """model.center: the tower's pre-norm embedding has zero batch mean in training (no direction
+    common to every entity) and uses running statistics in eval; model.dense_norm: the counts enter
+    the scalar token centred."""
+    torch.manual_seed(0)
+    spec = load_spec(tiny_world / "spec.toml")
+    config = dataclasses.replace(SMALL, center=("user", "pin"), dense_norm="batch")
+    task = build_derm(spec, "ctr", config, device=torch.device("cpu"))
+    seen = {}
+    for tower in ("user_tower", "pin_tower"):
+        module = getattr(task.model, tower)
+        assert isinstance(module.center, torch.nn.BatchNorm1d) and isinstance(module.inputs.scalar_norm, torch.nn.BatchNorm1d)
+        module.center.register_forward_hook(lambda m, i, o, name=tower: seen.__setitem__(name, o))
+        module.inputs.scalar_norm.register_forward_hook(lambda m, i, o, name=tower: seen.__setitem__(name + "/counts", o))
+    batch = _batch(tiny_world, "ctr")
+    _, (_, out) = task(batch)
+    for name, value in seen.items():
+        torch.testing.assert_close(value.mean(0), torch.zeros(value.shape[1]), atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(out.pin_embedding.norm(dim=1), torch.ones(128))
+    task.eval()
+    center = task.model.user_tower.center
+    inputs = {}
+    center.register_forward_hook(lambda m, i, o: inputs.update(x=i[0], y=o))
+    with torch.no_grad():
+        task(batch)
+    expected = (inputs["x"] - center.running_mean) / torch.sqrt(center.running_var + center.eps)
+    torch.testing.assert_close(inputs["y"], expected)  # running statistics in eval, not the batch's
+    uncentred = build_derm(spec, "ctr", dataclasses.replace(SMALL, center=(), dense_norm="none")).model.pin_tower
+    assert isinstance(uncentred.center, torch.nn.Identity) and isinstance(uncentred.inputs.scalar_norm, torch.nn.Identity)
+
+
+def test_batch_norm_takes_a_one_row_training_batch():
+    """A day's last batch can hold one row: normalised with the running statistics, not an error."""
+    from modules.towers import BatchNorm
+
+    norm = BatchNorm(3)
+    norm(torch.randn(64, 3))  # training: batch statistics, running ones updated
+    before = norm.running_mean.clone()
+    row = torch.randn(1, 3)
+    expected = (row - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(norm(row), expected * norm.weight + norm.bias)
+    torch.testing.assert_close(norm.running_mean, before)
+
+
 def test_builds_on_meta(tiny_world):
     spec = load_spec(tiny_world / "spec.toml")
     task = build_derm(spec, "cvr", SMALL, device=torch.device("meta"))
@@ -73,6 +119,12 @@ def test_bad_model_arguments(tiny_world):
         build_derm(spec, "ctr", DERMConfig(positive_labels=("purchase",)))
     with pytest.raises(ValueError, match="task_weights has 1 entries; source 'ctr' has 2 labels"):
         build_derm(spec, "ctr", DERMConfig(task_weights=(1.0,)))
+    with pytest.raises(ValueError, match="center names entity towers"):
+        DERMConfig(center=("item",))
+    with pytest.raises(ValueError, match="dense_norm must be one of"):
+        DERMConfig(dense_norm="layer")
+    with pytest.raises(ValueError, match=r"1 / init_temperature \(100\) exceeds max_inv_temperature \(20\)"):
+        DERMConfig(init_temperature=0.01, max_inv_temperature=20.0)
 
 
 def test_logistic_regression_baseline_runs(tiny_world):
