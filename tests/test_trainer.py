@@ -83,6 +83,7 @@ def _two_ranks(rank: int, world_size: int, root: str, run_dir: str) -> dict:
     a, b = _local_state(straight.model), _local_state(second.model)
     out["resume_max_diff"] = max((a[k] - b[k]).abs().max().item() for k in a if a[k].numel())
     out["resume_keys"] = sorted(a) == sorted(b)
+    out["norm_stats"] = [t.clone() for t in straight.norm_stats]
     fresh = _local_state(Trainer(_config(root, scratch), ctx).model)
     out["trained_vs_fresh"] = max((a[k] - fresh[k]).abs().max().item() for k in a if a[k].numel())
     return out
@@ -133,6 +134,8 @@ def test_resume_equals_uninterrupted_training(two_rank_run):
         assert r["resume_keys"]
         assert r["resume_max_diff"] < 1e-5, r["resume_max_diff"]
         assert r["trained_vs_fresh"] > 1e-3  # training moved the weights: the comparison means something
+    # Each rank normalises its own rows, yet both hold the same running statistics afterwards.
+    assert ranks[0]["norm_stats"] and all(torch.equal(a, b) for a, b in zip(ranks[0]["norm_stats"], ranks[1]["norm_stats"]))
 
 
 def test_two_rank_snapshot_serves_one_unsharded_process(two_rank_run, tiny_world):

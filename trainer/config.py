@@ -76,7 +76,8 @@ class TrainConfig:
     """incremental mode: the day to train."""
     eval_day: str = ""
     """Held-out day to evaluate after training (default: the day after the last trained one, if
-    the data has it); "none" skips evaluation."""
+    the data has it); several, comma-separated, are evaluated together (sparse days); "none"
+    skips evaluation."""
     max_steps_per_day: int = 0
     """Cap on steps per day (0: a full pass). For smoke runs."""
     log_every: int = 20

@@ -13,6 +13,8 @@ Order of construction (each step needs the one before):
 
 from __future__ import annotations
 
+import datetime as dt
+
 import itertools
 import json
 import logging
@@ -61,6 +63,11 @@ class Trainer:
         task.set_mixed_precision(config.train.mixed_precision, ctx.device.type)
         log.info("mixed precision: %s (train.mixed_precision = %s)", task.autocast_dtype or "float32", config.train.mixed_precision)
         self.model, self.optimizer = shard_model(task, ctx.device, config.optimizer)
+        # BatchNorm running statistics: each rank updates them from its own rows (DMP's DDP does not
+        # broadcast buffers), so they are averaged over ranks after every step (_sync_norm_stats):
+        # every rank then evaluates, and every snapshot holds, the same statistics.
+        self.norm_stats = [t for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                           and m.track_running_stats for t in (m.running_mean, m.running_var)]
         self.labels = task.model.labels
         self.global_step = 0
         self.days_trained: list[str] = []
@@ -134,6 +141,7 @@ class Trainer:
                         parts, _ = pipeline.progress(batches)
                     except StopIteration:
                         break
+                    self._sync_norm_stats()
                     yield parts
             finally:
                 pipeline.detach()  # restores the model's own forward for evaluation and saving
@@ -143,7 +151,18 @@ class Trainer:
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
+            self._sync_norm_stats()
             yield parts
+
+    def _sync_norm_stats(self) -> None:
+        """Averages the BatchNorms' running statistics over ranks (one small all-reduce)."""
+        if self.ctx.world_size == 1 or not self.norm_stats:
+            return
+        flat = torch._utils._flatten_dense_tensors(self.norm_stats)
+        dist.all_reduce(flat)
+        flat /= self.ctx.world_size
+        for t, synced in zip(self.norm_stats, torch._utils._unflatten_dense_tensors(flat, self.norm_stats)):
+            t.copy_(synced)
 
     def _progress(self, day: str, step: int, steps: int, rate: float, means: dict[str, float]) -> None:
         tasks = "  ".join(f"{label} {means.get(f'bce/{i}', float('nan')):.4f}" for i, label in enumerate(self.labels))
@@ -186,6 +205,7 @@ class Trainer:
                     entities["pin_id"].append(batch.pin_id)
                     entities["contrastive"].append(parts["contrastive"].reshape(1).cpu())
                     entities["temperature"].append(parts["temperature"].reshape(1).cpu())
+                    entities["ln_rows"].append(torch.tensor([math.log(len(batch.pin_id))]))
         T, dev = len(self.labels), self.ctx.device
         gather = lambda rows, width=T: all_gather_ids()(torch.cat(rows).to(dev).flatten()).cpu().view(-1, width)  # noqa: E731
         p, y = gather(preds), gather(labels)  # every rank's rows, in rank order
@@ -201,11 +221,11 @@ class Trainer:
                     self.writer.add_scalar(f"eval/{label}_{k}", m[k], self.global_step)
         if entities:
             emb = {k: gather(entities[k], entities[k][0].shape[1]) for k in ("user", "pin")}
-            ids = {k: gather(entities[k], 1).flatten() for k in ("user_id", "pin_id", "contrastive", "temperature")}
+            ids = {k: gather(entities[k], 1).flatten() for k in ("user_id", "pin_id", "contrastive", "temperature", "ln_rows")}
             quality = embedding_quality(emb["user"], emb["pin"], ids["user_id"], ids["pin_id"], y.amax(dim=1) > 0.5,
-                                        self._popularity(torch.unique(ids["pin_id"])))
+                                        self._popularity(torch.unique(ids["pin_id"]), min(days)))
             quality.update(contrastive_loss=round(float(ids["contrastive"].mean()), 4),
-                           ln_batch=round(math.log(self.config.data.eval_batch_size), 4),
+                           ln_batch=round(float(ids["ln_rows"].mean()), 4),  # chance: ln of the rows a batch scores
                            temperature=round(float(ids["temperature"].mean()), 5))
             self.embedding_quality = quality
             if self.writer is not None:
@@ -215,12 +235,15 @@ class Trainer:
         self.model.train()
         return metrics
 
-    def _popularity(self, pins: torch.Tensor) -> torch.Tensor | None:
-        """Positive rows per Pin of ``pins`` [P] on the last trained day (what a popularity
-        ranking knows before the eval day); None before any day is trained."""
-        if not self.days_trained:
+    def _popularity(self, pins: torch.Tensor, before: str, window: int = 7) -> torch.Tensor | None:
+        """Positive rows per Pin of ``pins`` [P] over the trained days of the ``window`` days
+        before ``before`` (what a popularity ranking knows before the eval day; a week, so that
+        sparse days still rank); None when no day in it was trained."""
+        start = (dt.date.fromisoformat(before) - dt.timedelta(days=window)).isoformat()
+        days = sorted({d for d in self.days_trained if start <= d < before})
+        if not days:
             return None
-        loader = make_loader(self.root, self.source, self.config.data.eval_batch_size, days=[self.days_trained[-1]],
+        loader = make_loader(self.root, self.source, self.config.data.eval_batch_size, days=days,
                              rank=self.ctx.rank, world_size=self.ctx.world_size, spec=self.spec)
         engaged = [b.pin_id[b.labels.amax(dim=1) > 0.5] for b in loader]
         engaged = all_gather_ids()(torch.cat(engaged).to(self.ctx.device) if engaged else torch.zeros(0, dtype=torch.int64)).cpu()
@@ -290,7 +313,7 @@ def run(config: RunConfig, ctx: DistContext, trainer_cls: type[Trainer] = Traine
             summary["days"].append(stats)
         if eval_day:
             summary["eval_day"] = eval_day
-            summary["eval"] = trainer.evaluate(eval_day)
+            summary["eval"] = trainer.evaluate(eval_day.split(","))
             _log_eval(eval_day, summary["eval"])
             if trainer.embedding_quality is not None:
                 summary["embedding_quality"] = trainer.embedding_quality
@@ -318,11 +341,13 @@ def _plan_days(trainer: Trainer, config: RunConfig) -> list[str]:
 
 
 def _eval_day(trainer: Trainer, last: str, wanted: str) -> str | None:
+    """The held-out day(s) to evaluate, comma-separated: ``wanted``, or the day after ``last``."""
     if wanted == "none":
         return None
     if wanted:
-        if wanted not in trainer.days_on_disk:
-            raise ValueError(f"train.eval_day {wanted} has no data under {trainer.root / trainer.source}")
+        missing = [d for d in wanted.split(",") if d not in trainer.days_on_disk]
+        if missing:
+            raise ValueError(f"train.eval_day {', '.join(missing)}: no data under {trainer.root / trainer.source}")
         return wanted
     later = [d for d in trainer.days_on_disk if d > last]
     return later[0] if later else None
