@@ -1,6 +1,7 @@
 """One day of the embedding lifecycle for one upstream model (paper Appendix B.3, C): inference
 with the day's snapshot, aggregation of users and Pins into their pools, publishing of both to the
-feature store (and the Pins to a FAISS index). The daily pipeline (:mod:`trainer.pipeline`) runs
+feature store (and the Pins to a FAISS index), then the representation quality of the two new
+versions (issue 11; :mod:`embeddings.version_quality`). The daily pipeline (:mod:`trainer.pipeline`) runs
 this as one job per upstream model and day.
 
 Every part is skipped when its output is already complete, so a re-run after a failure picks up
@@ -10,6 +11,7 @@ where it stopped, and a re-run of a finished day does nothing::
     WORK/pool/<source>/<entity>/day=D/         pool snapshots (embeddings/aggregate.py)
     WORK/store/<source>-<entity>/              embedded feature store, version <source>-<entity>-D
     WORK/ann/<source>-pin-D/                   FAISS index of the Pin version (with --ann)
+    WORK/quality/<source>/day=D.json           representation quality of the day's two versions
 
 Usage::
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,9 +75,14 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
     from sharding.checkpoint import read_meta
     from trainer.distributed import init_distributed, shutdown
 
+    from embeddings.version_quality import quality_path, write_quality
+
     source = read_meta(snapshot)["source"]
     if is_published(work, source, day, ann):
-        log.info("%s %s: already published; nothing to do", source, day)
+        if quality_path(work, source, day).is_file():
+            log.info("%s %s: already published; nothing to do", source, day)
+        elif os.environ.get("RANK", "0") == "0":  # killed between the publish and its report: only the report is left
+            write_quality(work, data, source, day)
         return {"source": source, "day": day, "skipped": True}
     ctx = init_distributed(device)
     try:
@@ -100,6 +108,7 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
                 if version not in store.versions():
                     published = publish(pool_day, store, version, activate=True, ann_dir=work / "ann" if build_ann else None)
                     report[entity] = {"version": version, "rows": published.rows}
+            write_quality(work, data, source, day)
         dist.barrier()
         return report
     finally:

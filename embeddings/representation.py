@@ -10,8 +10,9 @@ metrics look across entities and at the task:
   :func:`effective_rank` (exp of the entropy of the normalised singular values; 1 for a rank-one
   set, E for an isotropic one; Roy & Vetterli 2007);
 - **retrieval**: :func:`recall_at_k`, the share of positive (user, Pin) pairs whose Pin is among
-  the k Pins nearest the user's embedding, beside :func:`popularity_recall_at_k`, the same for a
-  ranking of Pins by an engagement count (the floor an embedding must beat);
+  the k Pins nearest the user's embedding (or :func:`recall_of_ranked` on the result of a search
+  done elsewhere), beside :func:`popularity_recall_at_k`, the same for a ranking of Pins by an
+  engagement count (:func:`engagement_counts`; the floor an embedding must beat);
 - **alignment**: :func:`procrustes_residual` between two versions of the same entities after the
   best orthogonal map, so that a retrain which merely rotates the space is told from one that
   changes it.
@@ -75,13 +76,42 @@ def recall_at_k(queries: np.ndarray, targets: np.ndarray, candidates: np.ndarray
         raise ValueError(f"targets must be [{len(q)}] row indices into the {len(c)} candidates")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    hits = 0
-    for start in range(0, len(q), 4096):  # [4096, P] scores at a time
-        scores = q[start : start + 4096] @ c.T
-        own = scores[np.arange(len(scores)), targets[start : start + 4096]]
+    hits, step = 0, max(1, min(4096, (1 << 24) // len(c)))  # [step, P] scores at a time: <= 128 MB
+    for start in range(0, len(q), step):
+        scores = q[start : start + step] @ c.T
+        own = scores[np.arange(len(scores)), targets[start : start + step]]
         # Rank of the target = candidates scoring strictly higher; ties count in its favour.
         hits += int(((scores > own[:, None]).sum(axis=1) < k).sum())
     return hits / len(q)
+
+
+def recall_of_ranked(ranked: np.ndarray, targets: np.ndarray, k: int) -> float:
+    """Share of queries whose target is among the first ``k`` of their ranked candidates: recall@k
+    of a search done elsewhere (a FAISS index, :mod:`embeddings.ann`).
+
+    Args:
+        ranked: [Q, K] candidate ids per query, best first (K >= k; -1 pads a short list).
+        targets: [Q] each query's target id.
+        k: cut-off.
+    """
+    ranked, targets = np.asarray(ranked), np.asarray(targets)
+    if ranked.ndim != 2 or targets.shape != (len(ranked),):
+        raise ValueError(f"ranked must be [Q, K] and targets [Q], got {ranked.shape} and {targets.shape}")
+    if not 1 <= k <= ranked.shape[1]:
+        raise ValueError(f"k must be in [1, {ranked.shape[1]}] (the ranked lists' length), got {k}")
+    if not len(targets):
+        raise ValueError("recall_of_ranked needs at least one query")
+    return float((ranked[:, :k] == targets[:, None]).any(axis=1).mean())
+
+
+def engagement_counts(candidates: np.ndarray, engaged: np.ndarray) -> np.ndarray:
+    """[P] how often each of the sorted candidate ids ``candidates`` [P] occurs in ``engaged`` [R]
+    (ids not among the candidates are ignored): the counts a popularity ranking orders by."""
+    candidates, engaged = np.asarray(candidates), np.asarray(engaged)
+    if candidates.ndim != 1 or (np.diff(candidates) <= 0).any():
+        raise ValueError("candidates must be a 1-D array of distinct ids in increasing order")
+    engaged = engaged[np.isin(engaged, candidates)]
+    return np.bincount(np.searchsorted(candidates, engaged), minlength=len(candidates))
 
 
 def popularity_recall_at_k(targets: np.ndarray, counts: np.ndarray, k: int) -> float:

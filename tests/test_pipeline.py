@@ -12,7 +12,7 @@ import pytest
 
 from embeddings.store import EmbeddedStore
 from trainer.data.synthetic import PRESETS, generate
-from trainer.pipeline import Pipeline, PipelineConfig, PipelineError, results_table
+from trainer.pipeline import Pipeline, PipelineConfig, PipelineError, quality_table, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -69,6 +69,14 @@ def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_r
     assert {r["label"] for r in rows} == {"click", "good_click", "conversion", "click_conversion", "view_conversion"}
     assert all(0.0 <= r["roc_auc"] <= 1.0 and r["oracle_roc_auc"] > 0.5 for r in rows)
     assert (work / "results.md").read_text().startswith("| trained | eval |")
+    quality = results["embedding_quality"]
+    embeddings = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
+    assert [(q["day"], q["embedding"]) for q in quality] == [(d, e) for d in DAYS for e in embeddings]
+    for q in quality:  # every upstream run evaluated on the next day; every version was measured
+        assert -1.0 <= q["mean_pairwise_cosine"] <= 1.0 and 1.0 <= q["effective_rank"] <= q["dim"]
+        assert 0.0 <= q["popularity_recall_at_100"] <= 1.0 and 0.0 <= q["recall_at_100"] <= 1.0
+        assert q["contrastive_loss"] > 0 and q["ln_batch"] > 0
+    assert "| day | embedding | mean cos |" in (work / "results.md").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("meta.json")}
     again = Pipeline(_config(four_days, work)).run()
@@ -100,18 +108,40 @@ def test_plan_refuses_days_without_a_next_day_and_missing_sources(four_days, tin
         PipelineConfig(derm=("ads_user",))
 
 
+def _write(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
 def test_results_table_shows_lift_against_the_baseline(tmp_path):
     pipeline = Pipeline(PipelineConfig(work=str(tmp_path)))
     for kind, label in (("ctr", "click"), ("cvr", "conversion")):
         for with_derm, auc in ((True, 0.66), (False, 0.60)):
-            path = pipeline.run_dir(kind, with_derm) / "summaries" / "2026-01-01.json"
-            path.parent.mkdir(parents=True)
-            path.write_text(json.dumps({"eval": {label: {"roc_auc": auc, "pr_auc": auc / 10, "oracle_roc_auc": 0.8}}}))
+            _write(pipeline.run_dir(kind, with_derm) / "summaries" / "2026-01-01.json",
+                   {"eval": {label: {"roc_auc": auc, "pr_auc": auc / 10, "oracle_roc_auc": 0.8}}})
+        # the lifecycle's report of the day's versions (embeddings/daily.py); only ctr's upstream run evaluated
+        version = {"dim": 64, "mean_pairwise_cosine": 0.97, "effective_rank": 9.5, "procrustes_residual": None}
+        retrieval = {"eval_day": "2026-01-02", "recall_at_10": 0.01, "recall_at_100": 0.12,
+                     "popularity_recall_at_10": 0.05, "popularity_recall_at_100": 0.3}
+        _write(tmp_path / "quality" / kind / "day=2026-01-01.json", {"user": version, "pin": version, "retrieval": retrieval})
+    _write(tmp_path / "upstream" / "ctr" / "summaries" / "2026-01-01.json",
+           {"embedding_quality": {"contrastive_loss": 6.1, "ln_batch": 6.2383, "temperature": 0.05}})
     results = pipeline.results(["2026-01-01"], ["2026-01-01"], {"2026-01-01": "2026-01-02"})
     (ctr, cvr) = results["rows"]
     assert ctr["roc_auc_lift_pct"] == pytest.approx(10.0) and cvr["pr_auc_lift_pct"] == pytest.approx(10.0)
     table = results_table(results)
     assert "| 2026-01-01 | 2026-01-02 | ctr | click | 0.6600 | 0.6000 | +10.00 |" in table
+
+    quality = results["embedding_quality"]
+    assert [q["embedding"] for q in quality] == ["ctr_user", "ctr_pin", "cvr_user", "cvr_pin"]
+    keys = {"day", "embedding", "mean_pairwise_cosine", "effective_rank", "recall_at_100", "popularity_recall_at_100",
+            "contrastive_loss", "ln_batch"}
+    assert all(keys <= q.keys() for q in quality)
+    assert quality[1]["recall_at_100"] == 0.12 and quality[0]["contrastive_loss"] == 6.1
+    assert quality[2]["contrastive_loss"] is None  # cvr's upstream run did not evaluate
+    table = quality_table(results)
+    assert "| 2026-01-01 | ctr_pin | 0.970 | 9.5 / 64 | – | 0.010 | 0.120 | 0.300 | 6.100 | 6.24 | 0.0500 |" in table
+    assert "| 2026-01-01 | cvr_user | 0.970 | 9.5 / 64 | – | 0.010 | 0.120 | 0.300 | – | – | – |" in table
 
 
 def test_kubernetes_jobs_get_the_queue_of_torchxconfig(in_repo):

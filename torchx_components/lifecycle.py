@@ -172,18 +172,19 @@ def daily(
 ) -> specs.AppDef:
     """
     One day of the lifecycle for one upstream model: inference, aggregation and publishing of its
-    users and Pins (``embeddings/daily.py``); parts already done are skipped.
+    users and Pins, then their representation quality (``embeddings/daily.py``); parts already
+    done are skipped.
 
     Args:
         snapshot: the upstream snapshot of the day, RUN_DIR/snapshots/day=YYYY-MM-DD
         data: dataset root (spec.toml and the source's day partitions)
         day: the day, YYYY-MM-DD
-        work: pipeline work folder: emb/, pool/, store/ and ann/ under it
+        work: pipeline work folder: emb/, pool/, store/, ann/ and quality/ under it
         method: aggregation heuristic, acc, ma or ap (paper §4.1.1)
         alpha: ma only: weight on the previous pooled embedding, in [0, 1)
         ann: also build a FAISS index of the Pin version
         batch_size: rows per inference forward per rank
-        j: [{min_nnodes}:]{nnodes}x{nproc_per_node}: inference ranks; rank 0 aggregates and publishes
+        j: [{min_nnodes}:]{nnodes}x{nproc_per_node}: inference ranks; rank 0 aggregates, publishes and measures
     """
     if method not in ("acc", "ma", "ap"):
         raise ValueError(f"--method {method!r}: expected acc, ma or ap")

@@ -6,8 +6,10 @@ scheduler by ``--scheduler``), every step skipped when its output for the day al
 
 One day ``d`` (all but the last day of the data, each evaluated on the next)::
 
-    stage 1  upstream ctr, upstream cvr        trainer/main.py (initial on the first day, then incremental)
-    stage 2  lifecycle ctr, lifecycle cvr      embeddings/daily.py: infer d, aggregate, publish version d
+    stage 1  upstream ctr, upstream cvr        trainer/main.py (initial on the first day, then incremental),
+                                               evaluated on d+1 (contrastive loss, spread, retrieval)
+    stage 2  lifecycle ctr, lifecycle cvr      embeddings/daily.py: infer d, aggregate, publish version d,
+                                               measure its representation quality (quality/<source>/day=d.json)
     stage 3  downstream ctr + cvr models       trainer/downstream.py: train d reading versions d-1,
              (with DERM, and the no-DERM        evaluate d+1 reading versions d; from the first day
              baseline, unless baseline=false)   that has versions d-1 (so not on the data's first day)
@@ -18,7 +20,7 @@ a re-run with other settings is refused rather than mixing outputs.
 
 Jobs of one stage run concurrently (``max_parallel``). Outputs, under ``work``::
 
-    upstream/<ctr|cvr>/       snapshots, summaries      emb/ pool/ store/ ann/   the lifecycle
+    upstream/<ctr|cvr>/       snapshots, summaries      emb/ pool/ store/ ann/ quality/   the lifecycle
     downstream/<name>/        snapshots, summaries/DAY.json (the evaluation of the run ending on DAY)
     logs/                     every job's stdout and stderr      results.md, results.json
 
@@ -148,7 +150,7 @@ class Pipeline:
 
     def stages(self, day: str, eval_day: str) -> list[list[Step]]:
         return [
-            [self._upstream(s, day) for s in SOURCES],
+            [self._upstream(s, day, eval_day) for s in SOURCES],
             [self._lifecycle(s, day) for s in SOURCES],
             [self._downstream(kind, derm, day, eval_day) for kind in SOURCES for derm in self._variants()],
         ]
@@ -178,12 +180,15 @@ class Pipeline:
         c = self.config
         return {"image": c.image, "j": c.j, "cpu": c.cpu, "gpu": c.gpu, "memMB": c.memMB}
 
-    def _upstream(self, source: str, day: str) -> Step:
+    def _upstream(self, source: str, day: str, eval_day: str) -> Step:
         from torchx_components import train
 
         run_dir = self.work / "upstream" / source
+        # Evaluated on the next day, so that summaries/DAY.json carries the contrastive loss, the
+        # temperature and the spread of the model whose embeddings the lifecycle publishes.
         args = [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={run_dir}",
-                "--train.overwrite=true", '--train.eval_day="none"', "--data.synthetic_preset=", *self.config.upstream_overrides]
+                "--train.overwrite=true", f'--train.eval_day="{eval_day}"', "--data.synthetic_preset=",
+                *self.config.upstream_overrides]
 
         def app():  # decided at submission, once the earlier days are done
             if self._trained_before(run_dir, day):
@@ -194,6 +199,7 @@ class Pipeline:
 
     def _lifecycle(self, source: str, day: str) -> Step:
         from embeddings.daily import is_published
+        from embeddings.version_quality import quality_path
         from torchx_components import lifecycle
 
         snapshot = self.work / "upstream" / source / "snapshots" / f"day={day}"
@@ -203,7 +209,10 @@ class Pipeline:
             return lifecycle.daily(str(snapshot), str(self.data), day, str(self.work), method=c.method, alpha=c.alpha,
                                    ann=c.ann, name=f"derm/lifecycle-{source}-{day}", **self._resources())
 
-        return Step(f"lifecycle {source}", lambda: is_published(self.work, source, day, c.ann), app)
+        def done():
+            return is_published(self.work, source, day, c.ann) and quality_path(self.work, source, day).is_file()
+
+        return Step(f"lifecycle {source}", done, app)
 
     def run_dir(self, kind: str, with_derm: bool) -> Path:
         return self.work / "downstream" / f"{kind}-{'derm' if with_derm else 'baseline'}"
@@ -329,12 +338,40 @@ class Pipeline:
                                    pr_auc_lift_pct=100 * (m["pr_auc"] / b["pr_auc"] - 1))
                     rows.append(row)
         return {"days": days, "downstream_days": downstream_days, "derm": list(self.config.derm), "method": self.config.method, "alpha": self.config.alpha,
-                "rows": rows, "jobs_submitted": self.submitted}
+                "rows": rows, "embedding_quality": self.embedding_quality(days), "jobs_submitted": self.submitted}
+
+    def embedding_quality(self, days: list[str]) -> list[dict[str, Any]]:
+        """One entry per day and published embedding (ctr_user, ctr_pin, cvr_user, cvr_pin): spread,
+        alignment and next-day retrieval from the lifecycle's report (retrieval belongs to the
+        user/Pin pair, so a source's two entries carry the same figures), and the contrastive loss,
+        ln B and temperature of the upstream run that ended on the day (None where it did not
+        evaluate)."""
+        from embeddings.daily import ENTITIES
+        from embeddings.version_quality import RECALL_KS, quality_path
+
+        recall_keys = [f"{kind}recall_at_{k}" for kind in ("", "popularity_") for k in RECALL_KS]
+        entries = []
+        for day in days:
+            for source in SOURCES:
+                report = _read_json(quality_path(self.work, source, day))
+                retrieval = report["retrieval"] or {}
+                summary = self.work / "upstream" / source / "summaries" / f"{day}.json"
+                trained = _read_json(summary).get("embedding_quality", {}) if summary.is_file() else {}
+                for entity in ENTITIES:
+                    version = report[entity]
+                    entries.append({
+                        "day": day, "embedding": f"{source}_{entity}", "dim": version["dim"],
+                        **{k: version.get(k) for k in ("mean_pairwise_cosine", "effective_rank", "procrustes_residual",
+                                                        "self_cosine")},
+                        "eval_day": retrieval.get("eval_day"), **{k: retrieval.get(k) for k in recall_keys},
+                        **{k: trained.get(k) for k in ("contrastive_loss", "ln_batch", "temperature")},
+                    })
+        return entries
 
     def _write_results(self, results: dict[str, Any]) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "results.json").write_text(json.dumps(results, indent=1))
-        (self.work / "results.md").write_text(results_table(results) + "\n")
+        (self.work / "results.md").write_text(results_table(results) + "\n\n" + quality_table(results) + "\n")
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -348,6 +385,26 @@ def results_table(results: dict[str, Any]) -> str:
                  f"{r['pr_auc']:.4f}", f"{r['baseline_pr_auc']:.4f}" if base is not None else "–",
                  f"{r['pr_auc_lift_pct']:+.2f}" if base is not None else "–",
                  f"{r['oracle_roc_auc']:.4f}" if r.get("oracle_roc_auc") is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def quality_table(results: dict[str, Any]) -> str:
+    """Representation quality per day and embedding as a markdown table (printed after the lift
+    table): spread (cosine of random pairs, lower is better; effective rank of E, higher), the
+    Procrustes residual against the day before, next-day recall@100 of the ctr or cvr pair beside
+    the popularity ranking's, and the upstream model's contrastive loss against ln B (chance)."""
+    def num(v, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+
+    head = ("| day | embedding | mean cos | eff. rank | Procrustes | recall@10 | recall@100 | popularity@100 "
+            "| contrastive | ln B | τ |")
+    lines = [head, "|" + "---|" * 11]
+    for q in results["embedding_quality"]:
+        cells = [q["day"], q["embedding"], num(q["mean_pairwise_cosine"], ".3f"),
+                 f"{num(q['effective_rank'], '.1f')} / {q['dim']}", num(q["procrustes_residual"], ".3f"),
+                 num(q["recall_at_10"], ".3f"), num(q["recall_at_100"], ".3f"), num(q["popularity_recall_at_100"], ".3f"),
+                 num(q["contrastive_loss"], ".3f"), num(q["ln_batch"], ".2f"), num(q["temperature"], ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -420,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - t0:.0f} s; downstream models with DERM embeddings {results['derm']} "
           f"({results['method']} pools) against the same models without:\n")
     print(results_table(results))
+    print("\nRepresentation quality of the published embeddings (lifecycle, quality/; contrastive loss: the upstream "
+          "model's on the next day, chance = ln B):\n")
+    print(quality_table(results))
     print(f"\n{config.work}/results.md, results.json; job logs in {config.work}/logs")
     return 0
 
