@@ -2,7 +2,9 @@
 probe (ridge regression on standardized embeddings, 80/20 split of the entities) from each
 embedding to each entity's true attributes, reported as held-out R².
 
-It answers "why is the lift small?" with data: an embedding that cannot linearly predict a user's
+A first table works on any data: the spread of every published version of the day (mean pairwise
+cosine, effective rank; :mod:`embeddings.representation`). The probe tables need a synthetic
+world's planted truth. It answers "why is the lift small?" with data: an embedding that cannot linearly predict a user's
 click propensity (``bias``) or a Pin's ``quality`` cannot hand them to a downstream model either.
 The truth is the world's own (``DATA/truth/users.parquet``, ``pins.parquet``; see docs/data.md).
 
@@ -107,29 +109,61 @@ def dot_click_auc(data: Path, stores: Path, version_day: str, eval_day: str) -> 
     return rank_auc(t.column("click").to_numpy()[both], score), float(both.mean())
 
 
+def spread_rows(data: Path, stores: Path, day: str, limit: int = 20_000) -> list[str]:
+    """Markdown rows: spread of every published version of ``day`` under ``stores`` (any data),
+    over up to ``limit`` of the entities of the day's log that the version holds."""
+    import pyarrow.dataset as ds
+
+    from embeddings.representation import spread
+    from trainer.data.spec import load_spec
+
+    keys = load_spec(data / "spec.toml").keys
+    rows = []
+    for source in ("ctr", "cvr"):
+        for entity in ("user", "pin"):
+            path, version = stores / f"{source}-{entity}", f"{source}-{entity}-{day}"
+            log_day = data / source / f"{keys.day}={day}"
+            if not path.is_dir() or not log_day.is_dir() or version not in EmbeddedStore(path).versions():
+                continue
+            column = keys.user if entity == "user" else keys.pin
+            ids = np.unique(ds.dataset(log_day, format="parquet").to_table(columns=[column])[column].to_numpy())
+            emb, hit = EmbeddedStore(path).get(ids.astype(np.int64), version=version)
+            emb = emb[hit][:limit]
+            s = spread(emb)
+            rows.append(f"| {source}_{entity} | {len(emb):,} | {s['mean_pairwise_cosine']:.3f} | "
+                        f"{s['effective_rank']:.1f} / {emb.shape[1]} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="experiments/probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="synthetic world root (with truth/)")
+    p.add_argument("--data", required=True, help="dataset root (a synthetic world's truth/ adds the planted tables)")
     p.add_argument("--stores", required=True, help="folder of the stores ctr-user, ctr-pin, cvr-user, cvr-pin")
     p.add_argument("--day", required=True, help="the version's day")
     p.add_argument("--eval-day", default="", help="day of the ctr log for the click AUC (default: the day after --day; none: skip)")
     args = p.parse_args(argv)
-    print("| embedding | entities | held-out R² per planted attribute |")
-    print("|---|---|---|")
-    for source in ("ctr", "cvr"):
-        for entity, targets in TARGETS.items():
-            truth = pq.read_table(Path(args.data) / "truth" / f"{entity}s.parquet")
-            emb, hit = lookup(Path(args.stores), source, entity, truth.column(f"{entity}_id").to_numpy(), args.day)
-            r2 = [probe_r2(emb[hit], truth.column(t).to_numpy()[hit].astype(float)) for t in targets]
-            cells = ", ".join(f"{t} {v:.3f}" for t, v in zip(targets, r2))
-            print(f"| {source}_{entity} | {int(hit.sum()):,} | {cells} |")
-    print()
-    print("| dot product of | random pairs | corr with affinity <u, p> (clicks) | corr with intent <q, r> (conversions) |")
+    data, stores = Path(args.data), Path(args.stores)
+    print("| embedding | entities | mean pairwise cosine | effective rank |")
     print("|---|---|---|---|")
-    print("\n".join(pair_correlations(Path(args.data), Path(args.stores), args.day)))
+    print("\n".join(spread_rows(data, stores, args.day)))
+    if (data / "truth").is_dir():
+        print()
+        print("| embedding | entities | held-out R² per planted attribute |")
+        print("|---|---|---|")
+        for source in ("ctr", "cvr"):
+            for entity, targets in TARGETS.items():
+                truth = pq.read_table(data / "truth" / f"{entity}s.parquet")
+                emb, hit = lookup(stores, source, entity, truth.column(f"{entity}_id").to_numpy(), args.day)
+                r2 = [probe_r2(emb[hit], truth.column(t).to_numpy()[hit].astype(float)) for t in targets]
+                cells = ", ".join(f"{t} {v:.3f}" for t, v in zip(targets, r2))
+                print(f"| {source}_{entity} | {int(hit.sum()):,} | {cells} |")
+        print()
+        print("| dot product of | random pairs | corr with affinity <u, p> (clicks) | corr with intent <q, r> (conversions) |")
+        print("|---|---|---|---|")
+        print("\n".join(pair_correlations(data, stores, args.day)))
     eval_day = args.eval_day or (dt.date.fromisoformat(args.day) + dt.timedelta(days=1)).isoformat()
-    if eval_day != "none":
-        auc, share = dot_click_auc(Path(args.data), Path(args.stores), args.day, eval_day)
+    if eval_day != "none" and (data / "ctr" / f"day={eval_day}").is_dir():
+        auc, share = dot_click_auc(data, stores, args.day, eval_day)
         print(f"\nclick ROC-AUC of <ctr_user, ctr_pin> alone on {eval_day}: {auc:.4f} ({share:.1%} of its rows have both versions)")
     return 0
 

@@ -117,3 +117,15 @@ def test_rank_auc_is_the_mann_whitney_statistic():
     assert probe.rank_auc(labels, labels * 1.0) == 1.0 and probe.rank_auc(labels, -labels * 1.0) == 0.0
     # positives at ranks 5, 2 and 4 of 5, 2 negatives: (11 - 3 * 4 / 2) / (3 * 2)
     assert probe.rank_auc(labels, np.array([0.3, 0.9, 0.1, 0.2, 0.5])) == pytest.approx(5 / 6)
+
+
+def test_quality_table_keeps_every_seed_and_the_oracle_bounds_recall(tiny_world):
+    from experiments.quality import oracle_recall, table
+
+    rows = [{"variant": "a", "seed": s, "auc": 0.6 + 0.01 * s, "recall_at_100": 0.4} for s in range(3)]
+    rows.append({"variant": "b", "seed": 0, "auc": 0.7})
+    lines = table(rows, ["a", "b"]).splitlines()
+    assert lines[2].startswith("| a | 3 | 0.610 ± 0.010 |") and lines[3].startswith("| b | 1 | 0.700 |")
+    assert "–" in lines[3]  # b has no recall: shown as missing, not as 0
+    # The world's own ranking finds most next-day clicks among its top Pins, and not all at k = 1.
+    assert 0.0 < oracle_recall(tiny_world, "2026-01-03", k=1) < oracle_recall(tiny_world, "2026-01-03", k=50) <= 1.0

@@ -1,0 +1,227 @@
+"""Representation quality of upstream DERM models over seeds: one upstream training run per
+(variant, seed), the embedding-quality metrics of its evaluation day (``trainer.metrics.
+embedding_quality``; issue 11), and a table of their means ± standard deviations.
+
+A variant is a name and a list of ``--section.field=value`` overrides of ``trainer/main.py``; the
+protocol (data, training days, evaluation day, batch size) is the same for every variant and seed,
+and every run made is kept in ``OUT/results.jsonl`` and in the table, none dropped. A run already in
+``results.jsonl`` is not repeated, so an interrupted sweep resumes.
+
+Usage::
+
+    python experiments/quality.py --data runs/data/small --days 2026-01-01,2026-01-02,2026-01-03 \\
+        --eval-day 2026-01-04 --seeds 0,1,2 --out runs/quality/small-ctr \\
+        --variant "before=--model.contrastive_weight=0.1 --model.init_temperature=0.1 --model.dense_norm=none --model.center='[]'" \\
+        --variant after=
+
+``--variant NAME=`` with nothing after ``=`` is the default config; ``--eval-day`` may name several
+comma-separated days (sparse logs). Columns: the ROC-AUC of the upstream model's first label, mean
+pairwise cosine and effective rank of user and Pin embeddings, recall@100 of next-day positives
+among the day's Pins (beside popularity's), the contrastive loss (beside ln B) and the learned
+temperature; with the world's truth (synthetic data), the correlation of
+``<user, Pin>`` with the planted affinity (ctr) or intent (cvr), and the oracle recall@100 of the
+world's own ranking (ctr). Results and the command: docs/model.md, "Representation quality".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = (
+    ("auc", "AUC"),
+    ("user_mean_pairwise_cosine", "user cos"),
+    ("user_effective_rank", "user rank"),
+    ("pin_mean_pairwise_cosine", "Pin cos"),
+    ("pin_effective_rank", "Pin rank"),
+    ("recall_at_100", "recall@100"),
+    ("popularity_recall_at_100", "popularity"),
+    ("recall_ratio", "ratio"),
+    ("contrastive_loss", "contrastive"),
+    ("temperature", "tau"),
+    ("planted_corr", "corr planted"),
+    ("oracle_recall_at_100", "oracle recall@100"),
+)
+
+
+def run_one(args, name: str, overrides: list[str], seed: int) -> dict:
+    """Trains one upstream model and returns its row of results."""
+    run_dir = Path(args.out) / name / f"seed={seed}"
+    cmd = [sys.executable, str(ROOT / "trainer" / "main.py"), f"--data.root={args.data}", "--data.synthetic_preset=",
+           f"--data.source={args.source}", f"--data.batch_size={args.batch_size}", f"--train.run_dir={run_dir}",
+           f"--train.seed={seed}", "--train.overwrite=true", f"--days={args.days}", f"--eval-day={args.eval_day}",
+           *overrides]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} seed {seed} failed ({done.returncode}):\n{shlex.join(cmd)}\n{done.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    quality = summary["embedding_quality"]
+    first = next(iter(summary["eval"]))
+    row = {"variant": name, "seed": seed, "overrides": overrides, "seconds": round(time.monotonic() - start, 1),
+           "auc": summary["eval"][first]["roc_auc"], "label": first, **quality}
+    if quality.get("popularity_recall_at_100"):
+        row["recall_ratio"] = quality["recall_at_100"] / quality["popularity_recall_at_100"]
+    if (Path(args.data) / "truth").is_dir():
+        row["planted_corr"] = planted_correlation(args, run_dir)
+        if args.source == "ctr":
+            row["oracle_recall_at_100"] = oracle_recall(Path(args.data), args.eval_day)
+    return row
+
+
+def oracle_recall(data: Path, day: str, k: int = 100, queries: int = 4000) -> float:
+    """Recall@k of the synthetic world's own ranking, the ceiling of ``recall_at_100``: for the
+    day's clicks (a fixed random sample of ``queries``), the day's Pins ranked by expected clicks
+    E[click on v | u] = P(impression of v | u) · p_click(u, v), from the generator's targeting
+    (``trainer/data/synthetic/simulate.py``: 60 % of ads from the user's interests, 70/30 primary
+    and secondary, Pins by popularity within a category) and its click model without the context
+    terms, which no user or Pin embedding can know."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from experiments.probe import latent_on_day
+    from trainer.data.synthetic.simulate import TARGETED_FRAC
+    from trainer.data.synthetic.world import B_CLICK
+
+    world = json.loads((data / "truth" / "world.json").read_text())["config"]
+    d = (dt.date.fromisoformat(day) - dt.date.fromisoformat(world["start_date"])).days
+    users_t, pins_t = (pq.read_table(data / "truth" / f"{e}s.parquet") for e in ("user", "pin"))
+    log = pq.read_table(data / "ctr" / f"day={day}", columns=["user_id", "pin_id", "click"])
+    clicked = log.column("click").to_numpy() > 0.5
+    users, pins = log.column("user_id").to_numpy()[clicked], log.column("pin_id").to_numpy()[clicked]
+    candidates = np.unique(log.column("pin_id").to_numpy())
+    target = np.searchsorted(candidates, pins)
+    user_latent = latent_on_day(users_t, d, world["drift_per_day"])
+    pin_latent = latent_on_day(pins_t, d, world["drift_per_day"])[candidates]
+    popularity = pins_t.column("popularity").to_numpy()[candidates]
+    category = pins_t.column("category_id").to_numpy()[candidates]
+    mass = np.bincount(category, weights=popularity, minlength=world["n_categories"])
+    primary, secondary = (users_t.column(c).to_numpy() for c in ("primary_cluster", "secondary_cluster"))
+    user_bias, pin_bias = users_t.column("bias").to_numpy(), pins_t.column("bias").to_numpy()[candidates]
+    hits = 0
+    for i in np.random.default_rng(0).choice(len(users), min(queries, len(users)), replace=False):
+        u = users[i]
+        own = 0.7 * (category == primary[u]) + 0.3 * (category == secondary[u])
+        impression = (TARGETED_FRAC * own / mass[category] + (1 - TARGETED_FRAC) / mass.sum()) * popularity
+        click = 1.0 / (1.0 + np.exp(-(B_CLICK + 4.0 * pin_latent @ user_latent[u] + user_bias[u] + pin_bias)))
+        score = impression * click
+        hits += int((score > score[target[i]]).sum() < k)
+    return round(hits / min(queries, len(users)), 4)
+
+
+def planted_correlation(args, run_dir: Path, pairs: int = 200_000) -> float:
+    """Correlation, over random (user, Pin) pairs of the evaluation day, of ``<user, Pin>`` from the
+    last snapshot with the synthetic world's planted score: the affinity ``<u_d, p_d>`` that drives
+    clicks (ctr) or the intent match ``<q_u, r_p>`` that drives conversions (cvr)."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from experiments.probe import latent_on_day
+
+    emb_dir = run_dir / "emb"
+    snapshot = json.loads((run_dir / "summary.json").read_text())["snapshot"]
+    cmd = [sys.executable, str(ROOT / "embeddings" / "infer.py"), f"--snapshot={snapshot}", f"--data={args.data}",
+           f"--days={args.eval_day}", f"--out={emb_dir}", "--overwrite"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    data = Path(args.data)
+    world = json.loads((data / "truth" / "world.json").read_text())["config"]
+    d = (dt.date.fromisoformat(args.eval_day) - dt.date.fromisoformat(world["start_date"])).days
+    emb, planted = {}, {}
+    for entity in ("user", "pin"):
+        t = pq.read_table(emb_dir / args.source / entity / f"day={args.eval_day}")
+        ids = t.column("entity_id").to_numpy()
+        emb[entity] = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+        truth = pq.read_table(data / "truth" / f"{entity}s.parquet")
+        row = np.searchsorted(truth.column(f"{entity}_id").to_numpy(), ids)  # truth is sorted by id
+        if args.source == "ctr":
+            planted[entity] = latent_on_day(truth, d, world["drift_per_day"])[row]
+        else:
+            planted[entity] = np.stack(truth.column("intent").to_numpy(zero_copy_only=False))[row]
+    rng = np.random.default_rng(0)
+    u, p = rng.integers(0, len(emb["user"]), pairs), rng.integers(0, len(emb["pin"]), pairs)
+    score = (emb["user"][u] * emb["pin"][p]).sum(1)
+    truth_score = (planted["user"][u] * planted["pin"][p]).sum(1)
+    return round(float(np.corrcoef(score, truth_score)[0, 1]), 4)
+
+
+def table(rows: list[dict], names: list[str]) -> str:
+    """Markdown: one line per variant, mean ± std over its seeds for every column."""
+    head = "| variant | seeds | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for name in names:
+        mine = [r for r in rows if r["variant"] == name]
+        cells = []
+        for key, _ in COLUMNS:
+            values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
+            cells.append(_mean_std(values))
+        lines.append(f"| {name} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="experiments/quality.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset root (spec.toml and <source>/day=...)")
+    p.add_argument("--source", default="ctr", help="which upstream model (default ctr)")
+    p.add_argument("--days", required=True, help="comma-separated training days, in order")
+    p.add_argument("--eval-day", required=True, help="the held-out day the metrics are computed on")
+    p.add_argument("--batch-size", type=int, default=2048, help="rows per step (default 2048)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--variant", action="append", required=True, metavar="NAME=OVERRIDES",
+                   help="a name and its space-separated --section.field=value overrides; repeatable")
+    p.add_argument("--out", required=True, help="folder of the runs and results.jsonl")
+    args = p.parse_args(argv)
+    variants = {}
+    for v in args.variant:
+        name, sep, rest = v.partition("=")
+        if not sep or not name:
+            p.error(f"--variant {v!r}: write NAME=OVERRIDES (NAME= for the defaults)")
+        variants[name] = shlex.split(rest)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = {(r["variant"], r["seed"]) for r in rows}
+    for seed in seeds:  # seeds outermost: every variant gets a first figure early
+        for name, overrides in variants.items():
+            if (name, seed) in done:
+                continue
+            row = run_one(args, name, overrides, seed)
+            rows.append(row)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name} seed {seed}: " + "  ".join(f"{title} {row.get(key, float('nan')):.4g}" for key, title in COLUMNS
+                                                     if isinstance(row.get(key), (int, float))), flush=True)
+    print(table(rows, list(variants)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
