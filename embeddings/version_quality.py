@@ -81,6 +81,7 @@ def measure_versions(work: Path, data: Path, source: str, day: str, max_rows: in
     """
     from embeddings.pool import read_pool, snapshot_dir
     from embeddings.store import EmbeddedStore
+    from trainer.data.loader import day_partitions
     from trainer.data.spec import load_spec
 
     rng = np.random.default_rng(seed)
@@ -95,7 +96,7 @@ def measure_versions(work: Path, data: Path, source: str, day: str, max_rows: in
         pool_report = json.loads((snapshot_dir(work / "pool", source, entity, day) / "report.json").read_text())
         report[entity]["self_cosine"] = pool_report["cos_mean"]
     spec = load_spec(Path(data) / "spec.toml")
-    later = [d for d in _data_days(Path(data) / source, spec.keys.day) if d > day]
+    later = [d for d in day_partitions(Path(data) / source, spec.keys.day) if d > day]
     report["retrieval"] = (_retrieval(work, data, spec, source, day, later[0], stores, ids, max_rows, rng)
                            if later else None)
     return report
@@ -177,10 +178,6 @@ def _positive_pairs(data: Path, spec: FeatureSpec, source: str, day: str) -> tup
         columns=[keys.user, keys.pin], filter=positive)
     return (table[keys.user].to_numpy().astype(np.int64, copy=False),
             table[keys.pin].to_numpy().astype(np.int64, copy=False))
-
-
-def _data_days(src: Path, day_key: str) -> list[str]:
-    return sorted(p.name[len(day_key) + 1:] for p in src.glob(f"{day_key}=*") if p.is_dir())
 
 
 def _sample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -55,12 +55,17 @@ def latent_on_day(truth, day_index: int, drift_per_day: float) -> np.ndarray:
     return np.cos(drift_per_day * day_index) * base + np.sin(drift_per_day * day_index) * drift
 
 
-def pair_correlations(data: Path, stores: Path, day: str, pairs: int = 200_000, seed: int = 0) -> list[str]:
-    """Markdown rows: per source, corr(<user emb, Pin emb>, planted affinity / intent match)."""
+def world_day(data: Path, day: str) -> tuple[dict, int]:
+    """(the synthetic world's config, ``day`` as days since its start)."""
     import json
 
     world = json.loads((data / "truth" / "world.json").read_text())["config"]
-    d = (dt.date.fromisoformat(day) - dt.date.fromisoformat(world["start_date"])).days
+    return world, (dt.date.fromisoformat(day) - dt.date.fromisoformat(world["start_date"])).days
+
+
+def pair_correlations(data: Path, stores: Path, day: str, pairs: int = 200_000, seed: int = 0) -> list[str]:
+    """Markdown rows: per source, corr(<user emb, Pin emb>, planted affinity / intent match)."""
+    world, d = world_day(data, day)
     truth = {e: pq.read_table(data / "truth" / f"{e}s.parquet") for e in ("user", "pin")}
     latent = {e: latent_on_day(t, d, world["drift_per_day"]) for e, t in truth.items()}
     intent = {e: np.stack(t.column("intent").to_numpy(zero_copy_only=False)) for e, t in truth.items()}

@@ -86,17 +86,14 @@ def oracle_recall(data: Path, day: str, k: int = 100, queries: int = 4000) -> fl
     (``trainer/data/synthetic/simulate.py``: 60 % of ads from the user's interests, 70/30 primary
     and secondary, Pins by popularity within a category) and its click model without the context
     terms, which no user or Pin embedding can know."""
-    import datetime as dt
-
     import numpy as np
     import pyarrow.parquet as pq
 
-    from experiments.probe import latent_on_day
+    from experiments.probe import latent_on_day, world_day
     from trainer.data.synthetic.simulate import TARGETED_FRAC
     from trainer.data.synthetic.world import B_CLICK
 
-    world = json.loads((data / "truth" / "world.json").read_text())["config"]
-    d = (dt.date.fromisoformat(day) - dt.date.fromisoformat(world["start_date"])).days
+    world, d = world_day(data, day)
     users_t, pins_t = (pq.read_table(data / "truth" / f"{e}s.parquet") for e in ("user", "pin"))
     log = pq.read_table(data / "ctr" / f"day={day}", columns=["user_id", "pin_id", "click"])
     clicked = log.column("click").to_numpy() > 0.5
@@ -125,12 +122,10 @@ def planted_correlation(args, run_dir: Path, pairs: int = 200_000) -> float:
     """Correlation, over random (user, Pin) pairs of the evaluation day, of ``<user, Pin>`` from the
     last snapshot with the synthetic world's planted score: the affinity ``<u_d, p_d>`` that drives
     clicks (ctr) or the intent match ``<q_u, r_p>`` that drives conversions (cvr)."""
-    import datetime as dt
-
     import numpy as np
     import pyarrow.parquet as pq
 
-    from experiments.probe import latent_on_day
+    from experiments.probe import latent_on_day, world_day
 
     emb_dir = run_dir / "emb"
     snapshot = json.loads((run_dir / "summary.json").read_text())["snapshot"]
@@ -140,8 +135,7 @@ def planted_correlation(args, run_dir: Path, pairs: int = 200_000) -> float:
     if done.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{done.stderr[-3000:]}")
     data = Path(args.data)
-    world = json.loads((data / "truth" / "world.json").read_text())["config"]
-    d = (dt.date.fromisoformat(args.eval_day) - dt.date.fromisoformat(world["start_date"])).days
+    world, d = world_day(data, args.eval_day)
     emb, planted = {}, {}
     for entity in ("user", "pin"):
         t = pq.read_table(emb_dir / args.source / entity / f"day={args.eval_day}")

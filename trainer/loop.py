@@ -14,7 +14,6 @@ Order of construction (each step needs the one before):
 from __future__ import annotations
 
 import datetime as dt
-
 import itertools
 import json
 import logging
@@ -36,9 +35,10 @@ from sharding.collectives import all_gather_ids
 from sharding.dmp import shard_model
 from trainer.config import RunConfig, to_dict
 from trainer.data.batch import Batch
-from trainer.data.loader import make_loader
+from trainer.data.loader import day_partitions, make_loader
 from trainer.data.spec import load_spec
 from trainer.distributed import DistContext
+from embeddings.representation import engagement_counts
 from trainer.metrics import binary_metrics, embedding_quality
 
 log = logging.getLogger("derm.train")
@@ -247,8 +247,7 @@ class Trainer:
                              rank=self.ctx.rank, world_size=self.ctx.world_size, spec=self.spec)
         engaged = [b.pin_id[b.labels.amax(dim=1) > 0.5] for b in loader]
         engaged = all_gather_ids()(torch.cat(engaged).to(self.ctx.device) if engaged else torch.zeros(0, dtype=torch.int64)).cpu()
-        engaged = engaged[torch.isin(engaged, pins)]  # Pins not on the eval day are no candidates
-        return torch.bincount(torch.searchsorted(pins, engaged), minlength=len(pins)).float()
+        return torch.from_numpy(engagement_counts(pins.numpy(), engaged.numpy())).float()  # eval-day Pins only
 
     # ---- snapshots --------------------------------------------------------------------------
     def snapshot_path(self, day: str) -> Path:
@@ -364,7 +363,7 @@ def _days(root: Path, source: str, key: str) -> list[str]:
     src = root / source
     if not src.is_dir():
         raise ValueError(f"{src}: no such source directory")
-    return sorted(p.name[len(key) + 1:] for p in src.iterdir() if p.is_dir() and p.name.startswith(f"{key}="))
+    return day_partitions(src, key)
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -166,7 +166,9 @@ class Pipeline:
         return i > 0 and all(is_published(self.work, s, on_disk[i - 1], self.config.ann) for s in SOURCES)
 
     def _on_disk(self) -> list[str]:
-        return sorted(set.intersection(*(set(_days(self.data / s)) for s in SOURCES)))
+        from trainer.data.loader import day_partitions
+
+        return sorted(set.intersection(*(set(day_partitions(self.data / s)) for s in SOURCES)))
 
     @staticmethod
     def _trained_before(run_dir: Path, day: str) -> bool:
@@ -428,10 +430,6 @@ def _log_tail(runner, handle: str, lines: int = 30) -> str:
         return f"last lines of the job's log ({app_id}):\n" + "\n".join(text[:cut][-lines:])
     except Exception as e:  # the scheduler may not keep logs; the failure itself is what matters
         return f"(no log available: {e})"
-
-
-def _days(src: Path) -> list[str]:
-    return sorted(p.name[4:] for p in src.glob("day=*") if p.is_dir())
 
 
 def _read_json(path: Path) -> dict:

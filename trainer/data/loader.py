@@ -45,6 +45,15 @@ READ_ROWS = 16_384
 """Rows decoded at a time from a file: with the batch buffer, what bounds the loader's memory."""
 
 
+def day_partitions(src: Path, key: str = "day") -> list[str]:
+    """The days of a source folder's ``<key>=YYYY-MM-DD`` partitions, sorted ([] when it has none
+    or does not exist)."""
+    prefix = f"{key}="
+    if not src.is_dir():
+        return []
+    return sorted(p.name[len(prefix):] for p in src.iterdir() if p.is_dir() and p.name.startswith(prefix))
+
+
 def shard_range(num_rows: int, shard: int, num_shards: int) -> tuple[int, int]:
     """Rows ``[start, stop)`` of shard ``shard``: contiguous, balanced to within one row."""
     if not 0 <= shard < num_shards:
@@ -79,7 +88,7 @@ class EventLog:
         if not src.is_dir():
             raise DataError(f"{src}: no such source directory (the spec's sources: {self.spec.source_names})")
         prefix = f"{self.spec.keys.day}="
-        available = sorted(p.name[len(prefix):] for p in src.iterdir() if p.is_dir() and p.name.startswith(prefix))
+        available = day_partitions(src, self.spec.keys.day)
         chosen = available if days is None else [d.isoformat() if isinstance(d, dt.date) else str(d) for d in days]
         if not chosen:
             raise DataError(f"{src}: no day partitions ({prefix}YYYY-MM-DD directories)")
