@@ -69,6 +69,20 @@ class DERMFeatureJoin:
         self.sources, self.lag_days = sources, lag_days
         self._warned: set[str] = set()
         self._found: set[tuple[str, str]] = set()  # committed versions never change: look each up once
+        self.rows = 0
+        """Rows joined since the last :meth:`reset_counts`."""
+        self.found = {s.name: 0 for s in sources}
+        """Of those, per embedding, the rows whose entity had a version to read."""
+
+    def reset_counts(self) -> None:
+        """Starts counting coverage afresh (e.g. at the start of a training day or an evaluation)."""
+        self.rows = 0
+        self.found = dict.fromkeys(self.found, 0)
+
+    def coverage(self) -> dict[str, float]:
+        """Per embedding, the share of the rows joined since :meth:`reset_counts` that found one
+        (NaN before any row)."""
+        return {name: n / self.rows if self.rows else float("nan") for name, n in self.found.items()}
 
     def version(self, source: DERMSource, day: dt.date) -> str | None:
         """The version a row of ``day`` reads, or None if it was never published."""
@@ -102,6 +116,8 @@ class DERMFeatureJoin:
                 emb = np.zeros((ids.size, self.width(source)), np.float32)
             out[source.name] = torch.from_numpy(emb)
             out[missing_key(source.name)] = torch.from_numpy((~found).astype(np.float32)[:, None])
+            self.found[source.name] += int(found.sum())
+        self.rows += int(days.size)
         return out
 
     @staticmethod

@@ -9,7 +9,8 @@ lifecycle: for every :class:`~modules.downstream_config.DERMFeature` ``k`` of th
 row is zeros). With no DERM features configured, ``derm`` is never read: the lift tables' baseline.
 
 - :class:`DERMProjection` (Appendix D.1): each embedding, concatenated with its indicator, through
-  its own linear map to ``projection_dim`` (or passed through when it is 0).
+  its own linear map to ``projection_dim`` (or passed through when it is 0); optionally (beyond the
+  paper) the cosine of each configured (user, Pin) pair, standardized over the batch.
 - :class:`DownstreamCTR` (§3.2): concatenation layer [pooled sparse by name, dense, one sequence
   encoder output per sequence, projected DERM] → :class:`~modules.moe.MixtureOfDCNExperts`
   (per-task softmax gates) → one tower per task.
@@ -33,6 +34,7 @@ import dataclasses
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.mlp import MLP
@@ -68,7 +70,7 @@ class DERMProjection(nn.Module):
         device: where to build the parameters (``meta`` works).
     """
 
-    def __init__(self, features: tuple[DERMFeature, ...], device=None) -> None:
+    def __init__(self, features: tuple[DERMFeature, ...], device=None, similarity: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__()
         self.names = [f.name for f in features]
         self.norm = nn.ModuleDict({f.name: nn.BatchNorm1d(f.dim, device=device) for f in features if f.standardize})
@@ -76,14 +78,27 @@ class DERMProjection(nn.Module):
             {f.name: nn.Linear(f.dim + 1, f.projection_dim, device=device) if f.projection_dim else nn.Identity() for f in features}
         )
         self.dims = [f.output_dim for f in features]
+        self.similarity = list(similarity)
+        self.similarity_norm = nn.BatchNorm1d(len(similarity), device=device) if similarity else None
+        if similarity:
+            self.dims.append(len(similarity))
 
     def output_dim(self) -> int:
-        """P = Σ_k P_k."""
+        """P = Σ_k P_k (+ one per similarity pair)."""
         return sum(self.dims)
 
     def parts(self, derm: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """``derm`` (see the module docstring) → one [B, P_k] tensor per embedding, in config order."""
-        return [self.proj[k](torch.cat([self._standardize(k, derm[k]), derm[missing_key(k)]], dim=1)) for k in self.names]
+        """``derm`` (see the module docstring) → one [B, P_k] tensor per embedding, in config order,
+        then [B, S] of the similarity pairs' cosines when there are any."""
+        out = [self.proj[k](torch.cat([self._standardize(k, derm[k]), derm[missing_key(k)]], dim=1)) for k in self.names]
+        if self.similarity_norm is not None:
+            out.append(self.similarity_norm(self.cosines(derm)))
+        return out
+
+    def cosines(self, derm: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, S]: cos(derm[user], derm[Pin]) per similarity pair; 0 where either is missing (its
+        row is zeros)."""
+        return torch.stack([F.cosine_similarity(derm[u], derm[p], dim=1, eps=1e-6) for u, p in self.similarity], dim=1)
 
     def _standardize(self, name: str, emb: torch.Tensor) -> torch.Tensor:
         return self.norm[name](emb) if name in self.norm else emb
@@ -95,11 +110,13 @@ class DERMProjection(nn.Module):
 
 class DERMTokens(nn.Module):
     """Projected DERM embeddings as tokens for the CVR model: [B, K, D], one per embedding (a
-    linear map P_k → D, the identity when P_k already equals D)."""
+    linear map P_k → D, the identity when P_k already equals D), plus one token of the similarity
+    pairs' cosines when there are any."""
 
-    def __init__(self, features: tuple[DERMFeature, ...], token_dim: int, device=None) -> None:
+    def __init__(self, features: tuple[DERMFeature, ...], token_dim: int, device=None,
+                 similarity: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__()
-        self.projection = DERMProjection(features, device)
+        self.projection = DERMProjection(features, device, similarity)
         self.tokens = nn.ModuleList(
             nn.Identity() if p == token_dim else nn.Linear(p, token_dim, device=device) for p in self.projection.dims
         )
@@ -170,7 +187,7 @@ class DownstreamCTR(_Downstream):
         self.sparse_names = [f.name for f in spec.sparse]
         self.dense_names = [f.name for f in spec.dense]
         self.sequences = nn.ModuleDict({f.name: SequenceEncoder(f, config.token_dim, config.sequence, device) for f in spec.sequence})
-        self.derm = DERMProjection(config.derm, device) if config.derm else None
+        self.derm = DERMProjection(config.derm, device, config.derm_similarity) if config.derm else None
         width = (
             sum(f.embedding_dim for f in spec.sparse)
             + sum(f.width for f in spec.dense)
@@ -214,8 +231,8 @@ class DownstreamCVR(_Downstream):
         token_config = DERMConfig(token_dim=config.token_dim, sequence=config.sequence)
         towers = {t: FeatureTokens(spec, t, token_config, device) for t in ("user", "pin", "interaction")}
         self.inputs = nn.ModuleDict({t: ft for t, ft in towers.items() if ft.num_tokens > 0})
-        self.derm = DERMTokens(config.derm, config.token_dim, device) if config.derm else None
-        num_tokens = sum(ft.num_tokens for ft in self.inputs.values()) + len(config.derm)
+        self.derm = DERMTokens(config.derm, config.token_dim, device, config.derm_similarity) if config.derm else None
+        num_tokens = sum(ft.num_tokens for ft in self.inputs.values()) + (len(self.derm.tokens) if self.derm is not None else 0)
         if num_tokens == 0:
             raise ValueError("the CVR model has no inputs: give it spec features or DERM embeddings")
         self.dhen = DHEN(num_tokens, config.token_dim, config.dhen, device=device)

@@ -60,6 +60,9 @@ class DownstreamConfig:
     Production models see a restricted set; unknown names are refused at build time."""
     derm: tuple[DERMFeature, ...] = ()
     """Upstream embeddings to read, in order; empty is the no-DERM baseline of the lift tables."""
+    derm_similarity: tuple[tuple[str, str], ...] = ()
+    """(user, Pin) pairs of ``derm`` names whose cosine the model also reads, one input per pair
+    (standardized over the batch); an extension beyond the paper (:class:`~modules.downstream.DERMProjection`)."""
     token_dim: int = 32
     """D: width of each sequence encoder's output; in the CVR model, of every token."""
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
@@ -70,7 +73,7 @@ class DownstreamConfig:
     cross_layers: int = 2
     """Cross layers per expert (CTR); cost grows with layers x input width (Appendix D.1)."""
     low_rank: int = 16
-    """Rank of each cross layer's weight (CTR)."""
+    """Rank of each cross layer's weight (CTR); 0: full-rank cross layers (TorchRec's ``CrossNet``)."""
     cross_mixture: int = 0
     """0: ``LowRankCrossNet``; k >= 1: ``LowRankMixtureCrossNet`` with k low-rank experts per layer (CTR)."""
     expert_hidden: tuple[int, ...] = (128,)
@@ -92,15 +95,20 @@ class DownstreamConfig:
         names = [d.name for d in self.derm]
         if len(set(names)) != len(names):
             raise ValueError(f"derm lists an embedding twice: {names}")
+        unknown = [n for pair in self.derm_similarity for n in pair if n not in names]
+        if unknown or any(len(pair) != 2 for pair in self.derm_similarity):
+            raise ValueError(f"derm_similarity: each entry is a (user, Pin) pair of derm names {names}; got {list(self.derm_similarity)}")
         if self.token_dim < 2 or self.token_dim % 2:
             raise ValueError(f"token_dim must be an even number >= 2, got {self.token_dim}")
         if self.token_dim % self.sequence.num_heads:
             raise ValueError(f"sequence.num_heads ({self.sequence.num_heads}) must divide token_dim ({self.token_dim})")
         if self.token_dim % self.dhen.num_heads:
             raise ValueError(f"dhen.num_heads ({self.dhen.num_heads}) must divide token_dim ({self.token_dim})")
-        for name in ("num_experts", "cross_layers", "low_rank"):
+        for name in ("num_experts", "cross_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.low_rank < 0 or (self.low_rank == 0 and self.cross_mixture):
+            raise ValueError(f"low_rank must be >= 1, or 0 (full rank) without cross_mixture; got {self.low_rank}")
         if self.cross_mixture < 0:
             raise ValueError(f"cross_mixture must be >= 0 (0: LowRankCrossNet), got {self.cross_mixture}")
         if not self.expert_hidden:

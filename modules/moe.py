@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torchrec.modules.crossnet import LowRankCrossNet, LowRankMixtureCrossNet
+from torchrec.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCrossNet
 from torchrec.modules.mlp import MLP
 
 
@@ -36,7 +36,7 @@ class DCNv2Expert(nn.Module):
     Args:
         in_features: F.
         cross_layers: cross layers of the cross net.
-        low_rank: rank of each cross layer's weight.
+        low_rank: rank of each cross layer's weight; 0: full rank (TorchRec's ``CrossNet``).
         mixture: 0 for ``LowRankCrossNet``; k >= 1 for ``LowRankMixtureCrossNet`` with k experts.
         hidden: MLP widths after the cross net; H = ``hidden[-1]``.
         device: where to build the parameters (``meta`` works).
@@ -44,7 +44,11 @@ class DCNv2Expert(nn.Module):
 
     def __init__(self, in_features: int, cross_layers: int, low_rank: int, mixture: int, hidden: tuple[int, ...], device=None) -> None:
         super().__init__()
-        if mixture:
+        if low_rank == 0:  # full rank: x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l, W_l [F, F]
+            if mixture:
+                raise ValueError("a mixture cross net is low-rank by construction; give low_rank >= 1 with cross_mixture")
+            cross = CrossNet(in_features, cross_layers)
+        elif mixture:
             cross = LowRankMixtureCrossNet(in_features, cross_layers, num_experts=mixture, low_rank=low_rank)
         else:
             cross = LowRankCrossNet(in_features, cross_layers, low_rank=low_rank)

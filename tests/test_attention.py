@@ -202,5 +202,10 @@ def test_thread_policy(monkeypatch):
         assert set_threads(3) == 3
         with pytest.raises(ValueError, match="threads must be >= 0"):
             set_threads(-1)
+        monkeypatch.setenv("DERM_THREADS", "2")  # the pipeline's share for jobs side by side on one host
+        assert set_threads() == 2 and set_threads(3) == 3
+        monkeypatch.setenv("DERM_THREADS", "0")
+        with pytest.raises(ValueError, match="DERM_THREADS must be >= 1"):
+            set_threads()
     finally:
         torch.set_num_threads(before)

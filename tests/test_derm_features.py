@@ -66,6 +66,36 @@ def test_joined_features_feed_a_downstream_model(tiny_world, tmp_path):
     assert torch.isfinite(loss) and out.logits.shape == (64, 2)
 
 
+def test_coverage_counts_the_rows_that_found_a_version(tiny_world, tmp_path):
+    batch = next(iter(make_loader(tiny_world, "ctr", 200, days=[DAY])))
+    users, pins = batch.user_id.numpy(), batch.pin_id.numpy()
+    known = np.unique(users)[:7]
+    user_store = _store(tmp_path / "users", known, {YESTERDAY: 1.0})
+    pin_store = EmbeddedStore(tmp_path / "pins")
+    pin_store.write_version(f"ctr-pin-{DAY}", np.unique(pins), np.ones((np.unique(pins).size, 8), np.float32))  # the day's own: unread
+    join = DERMFeatureJoin([DERMSource("ctr_user", user_store, "user", "ctr-user-{day}"),
+                            DERMSource("ctr_pin", pin_store, "pin", "ctr-pin-{day}")])
+    assert np.isnan(join.coverage()["ctr_user"])  # no rows yet
+    join(batch)
+    join(batch)
+    expected = np.isin(users, known).mean()
+    assert 0 < expected < 1 and join.rows == 400
+    assert join.coverage() == pytest.approx({"ctr_user": expected, "ctr_pin": 0.0})
+    join.reset_counts()
+    assert join.rows == 0 and join.found == {"ctr_user": 0, "ctr_pin": 0}
+
+
+def test_similarity_input_is_the_cosine_of_each_pair_and_zero_when_missing():
+    from modules.downstream import DERMProjection
+
+    features = (DERMFeature("ctr_user", 3, 4), DERMFeature("ctr_pin", 3, 4))
+    proj = DERMProjection(features, similarity=(("ctr_user", "ctr_pin"),))
+    derm = {"ctr_user": torch.tensor([[1.0, 0, 0], [0, 2, 0], [0, 0, 0]]), "ctr_pin": torch.tensor([[3.0, 0, 0], [1, 1, 0], [1, 0, 0]])}
+    derm.update(ctr_user_missing=torch.tensor([[0.0], [0], [1]]), ctr_pin_missing=torch.zeros(3, 1))
+    assert torch.allclose(proj.cosines(derm)[:, 0], torch.tensor([1.0, 2 ** -0.5, 0.0]))
+    assert proj.output_dim() == 4 + 4 + 1 and proj(derm).shape == (3, 9)
+
+
 def test_bad_sources_are_refused(tmp_path):
     store = EmbeddedStore(tmp_path / "s")
     with pytest.raises(ValueError, match="entity must be user or pin"):

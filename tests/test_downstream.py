@@ -18,6 +18,9 @@ from trainer.data.spec import load_spec
 KEYS = {"ctr_user": 24, "ctr_pin": 24, "cvr_user": 16, "cvr_pin": 16}
 
 
+SIMILARITY = (("ctr_user", "ctr_pin"), ("cvr_user", "cvr_pin"))
+
+
 def _config(n_derm: int, projection: int = 8, **kw) -> DownstreamConfig:
     derm = tuple(DERMFeature(k, d, projection) for k, d in list(KEYS.items())[:n_derm])
     small = dict(
@@ -76,7 +79,8 @@ def test_shapes_and_gates(tiny_world, kind, n_derm, projection):
 
 @pytest.mark.parametrize(
     "kind, source, projection, extra",
-    [("ctr", "ctr", 8, {}), ("ctr", "ctr", 0, {"cross_mixture": 2, "gate_hidden": (8,)}), ("cvr", "cvr", 8, {}), ("cvr", "ctr", 16, {})],
+    [("ctr", "ctr", 8, {}), ("ctr", "ctr", 0, {"cross_mixture": 2, "gate_hidden": (8,)}), ("cvr", "cvr", 8, {}), ("cvr", "ctr", 16, {}),
+     ("ctr", "ctr", 8, {"derm_similarity": SIMILARITY, "low_rank": 0}), ("cvr", "cvr", 8, {"derm_similarity": SIMILARITY})],
 )
 def test_gradients_reach_every_parameter(tiny_world, kind, source, projection, extra):
     torch.manual_seed(0)
@@ -157,7 +161,7 @@ def test_builds_on_meta(tiny_world, kind):
 def test_fx_traces_like_torchrec_pipelines_do(tiny_world, kind, n_derm):
     torch.manual_seed(0)
     spec = load_spec(tiny_world / "spec.toml")
-    config = _config(n_derm, 8)
+    config = _config(n_derm, 8, derm_similarity=SIMILARITY if n_derm == 4 else ())
     model = build_downstream(spec, "ctr", config, kind=kind, device=torch.device("cpu")).model.eval()
     batch, derm = _batch(tiny_world, size=32), _derm(config, 32)
     traced = torchrec.fx.symbolic_trace(model)
@@ -191,6 +195,8 @@ def test_bad_configs_name_the_field(tiny_world):
         DERMFeature("ctr_user", 8, -1)
     with pytest.raises(ValueError, match="derm lists an embedding twice"):
         DownstreamConfig(derm=(DERMFeature("ctr_user", 8), DERMFeature("ctr_user", 8)))
+    with pytest.raises(ValueError, match=r"low_rank must be >= 1, or 0 \(full rank\) without cross_mixture"):
+        DownstreamConfig(low_rank=0, cross_mixture=2)
     with pytest.raises(ValueError, match="expert_hidden must give at least one width"):
         DownstreamConfig(expert_hidden=())
     spec = load_spec(tiny_world / "spec.toml")

@@ -100,6 +100,13 @@ def test_two_ranks_train_on_yesterdays_embeddings(tiny_world, tmp_path, kind):
     assert (run_dir / "summaries" / f"{D2}.json").is_file() and (run_dir / "summaries" / f"{D3}.json").is_file()
     assert (run_dir / "snapshots" / f"day={D3}" / "meta.json").is_file()
     assert ranks[0]["incremental"]["mode"] == "incremental"
+    # Coverage: the share of the eval day's rows (both ranks') whose entity had a version d - 1.
+    rows = list(make_loader(tiny_world, "cvr", 10_000, days=[D3]))
+    users, pins = (np.concatenate([getattr(b, k).numpy() for b in rows]) for k in ("user_id", "pin_id"))
+    expected = {"ctr_user": np.isin(users, published["user"]).mean(), "cvr_pin": np.isin(pins, published["pin"]).mean()}
+    assert 0.5 < expected["ctr_user"] < 1.0
+    assert summary["coverage"] == pytest.approx(expected, abs=1e-5)
+    assert set(summary["days"][0]["coverage"]) == {"ctr_user", "cvr_pin"}
 
 
 def test_bad_downstream_configs_are_refused(tmp_path):
@@ -111,6 +118,10 @@ def test_bad_downstream_configs_are_refused(tmp_path):
         DownstreamRunConfig(kind="ranking")
     with pytest.raises(ValueError, match=r"\[derm\] features"):
         load_config(None, ["model.derm=[{name = 'ctr_user', dim = 8}]"], cls=DownstreamRunConfig)
+    with pytest.raises(ValueError, match="similarity needs a source's user and Pin"):
+        DERMJoinConfig(features=("ctr_user", "cvr_pin"), store_root="x", similarity=True)
+    pairs = DERMJoinConfig(features=("cvr_pin", "ctr_user", "ctr_pin", "cvr_user"), store_root="x", similarity=True).similarity_pairs()
+    assert pairs == (("cvr_user", "cvr_pin"), ("ctr_user", "ctr_pin"))
     config = load_config(None, ["kind=cvr", 'derm.features=["cvr_user"]', "derm.store_root=s", "derm.lag_days=0"],
                          cls=DownstreamRunConfig)
     assert (config.kind, config.derm.features, config.derm.lag_days) == ("cvr", ("cvr_user",), 0)

@@ -114,11 +114,14 @@ def _write(path: Path, value: dict) -> None:
 
 
 def test_results_table_shows_lift_against_the_baseline(tmp_path):
-    pipeline = Pipeline(PipelineConfig(work=str(tmp_path)))
-    for kind, label in (("ctr", "click"), ("cvr", "conversion")):
+    pipeline = Pipeline(PipelineConfig(work=str(tmp_path), min_positives=100))
+    for kind, label, positives in (("ctr", "click", 150), ("cvr", "conversion", 99)):
         for with_derm, auc in ((True, 0.66), (False, 0.60)):
             _write(pipeline.run_dir(kind, with_derm) / "summaries" / "2026-01-01.json",
-                   {"eval": {label: {"roc_auc": auc, "pr_auc": auc / 10, "oracle_roc_auc": 0.8}}})
+                   {"eval": {label: {"roc_auc": auc, "pr_auc": auc / 10, "oracle_roc_auc": 0.8, "positives": positives,
+                                     "count": 2000}},
+                    "days": [{"day": "2026-01-01", "examples": 2048}], "global_step": 8,
+                    **({"coverage": {"ctr_user": 0.9, "ctr_pin": 0.5}} if with_derm else {})})
         # the lifecycle's report of the day's versions (embeddings/daily.py); only ctr's upstream run evaluated
         version = {"dim": 64, "mean_pairwise_cosine": 0.97, "effective_rank": 9.5, "procrustes_residual": None}
         retrieval = {"eval_day": "2026-01-02", "recall_at_10": 0.01, "recall_at_100": 0.12,
@@ -128,9 +131,15 @@ def test_results_table_shows_lift_against_the_baseline(tmp_path):
            {"embedding_quality": {"contrastive_loss": 6.1, "ln_batch": 6.2383, "temperature": 0.05}})
     results = pipeline.results(["2026-01-01"], ["2026-01-01"], {"2026-01-01": "2026-01-02"})
     (ctr, cvr) = results["rows"]
-    assert ctr["roc_auc_lift_pct"] == pytest.approx(10.0) and cvr["pr_auc_lift_pct"] == pytest.approx(10.0)
+    assert ctr["roc_auc_lift_pct"] == pytest.approx(10.0) and ctr["pr_auc_lift_pct"] == pytest.approx(10.0)
+    assert ctr["positives"] == 150 and ctr["train_examples"] == 2048 and ctr["train_steps"] == 8
+    assert ctr["coverage"] == {"ctr_user": 0.9, "ctr_pin": 0.5}
+    # 99 conversions: too few for an AUC worth reporting
+    assert cvr["too_few_positives"] and cvr["roc_auc"] is None and cvr["roc_auc_lift_pct"] is None
     table = results_table(results)
     assert "| 2026-01-01 | 2026-01-02 | ctr | click | 0.6600 | 0.6000 | +10.00 |" in table
+    assert "| 150 | 2,048 (8) | 90% 50% |" in table
+    assert "| cvr | conversion | too few positives (99) |" in table
 
     quality = results["embedding_quality"]
     assert [q["embedding"] for q in quality] == ["ctr_user", "ctr_pin", "cvr_user", "cvr_pin"]
@@ -147,3 +156,11 @@ def test_results_table_shows_lift_against_the_baseline(tmp_path):
 def test_kubernetes_jobs_get_the_queue_of_torchxconfig(in_repo):
     assert Pipeline(PipelineConfig(scheduler="kubernetes")).scheduler_cfg()["queue"] == "default"
     assert Pipeline(PipelineConfig(scheduler="kubernetes", scheduler_args={"queue": "q"})).scheduler_cfg()["queue"] == "q"
+
+
+def test_local_jobs_side_by_side_share_the_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert Pipeline(PipelineConfig(max_parallel=2)).threads_per_rank() == 4
+    assert Pipeline(PipelineConfig(max_parallel=2, j="1x2"))._resources()["env"] == {"DERM_THREADS": "2"}
+    assert Pipeline(PipelineConfig(max_parallel=16)).threads_per_rank() == 1
+    assert "env" not in Pipeline(PipelineConfig(scheduler="kubernetes"))._resources()  # a cluster job owns its cpu

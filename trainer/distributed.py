@@ -50,15 +50,20 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, threads: int =
 def set_threads(threads: int = 0) -> int:
     """Sets torch's intra-op threads for this rank; -> the number set.
 
-    ``threads`` > 0 is taken as it is. 0 (the default) gives each rank its share of the cores this
-    process may run on: cores // ranks on this host (``LOCAL_WORLD_SIZE``, 1 for a plain process),
-    at least 1. torchrun itself sets ``OMP_NUM_THREADS=1`` for every rank, which leaves a one-rank
+    ``threads`` > 0 is taken as it is. 0 (the default) takes ``DERM_THREADS`` from the environment
+    when set (the daily pipeline sets it for jobs that share one host), else gives each rank its
+    share of the cores this process may run on: cores // ranks on this host (``LOCAL_WORLD_SIZE``,
+    1 for a plain process), at least 1. torchrun itself sets ``OMP_NUM_THREADS=1`` for every rank, which leaves a one-rank
     job on an 8-core box one core; this policy replaces that. On a machine shared with other jobs,
     set ``train.threads`` to the cores that are really yours: an OpenMP region whose threads lose
     their core to another process stalls (2-thread steps slowed 5-13x under contention here).
     """
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0: cores // local ranks), got {threads}")
+    if threads == 0 and os.environ.get("DERM_THREADS", "").strip():
+        threads = int(os.environ["DERM_THREADS"])
+        if threads < 1:
+            raise ValueError(f"DERM_THREADS must be >= 1, got {threads}")
     if threads == 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

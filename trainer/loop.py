@@ -86,6 +86,11 @@ class Trainer:
         """What the run summary says of the model."""
         return {"model": f"upstream {self.source}"}
 
+    def eval_extras(self) -> dict[str, Any]:
+        """What the last evaluation adds to the run summary besides the metrics per label (the
+        downstream trainer: the DERM embeddings' coverage of the evaluated rows)."""
+        return {}
+
     def _prepare(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """Batches as the model reads them (the downstream trainer joins DERM embeddings here)."""
         return batches
@@ -314,6 +319,7 @@ def run(config: RunConfig, ctx: DistContext, trainer_cls: type[Trainer] = Traine
             summary["eval_day"] = eval_day
             summary["eval"] = trainer.evaluate(eval_day.split(","))
             _log_eval(eval_day, summary["eval"])
+            summary.update(trainer.eval_extras())
             if trainer.embedding_quality is not None:
                 summary["embedding_quality"] = trainer.embedding_quality
                 log.info("eval %s embeddings: %s", eval_day, "  ".join(f"{k} {v}" for k, v in trainer.embedding_quality.items()))
@@ -355,8 +361,8 @@ def _eval_day(trainer: Trainer, last: str, wanted: str) -> str | None:
 def _log_eval(day: str, metrics: dict[str, dict[str, float]]) -> None:
     for label, m in metrics.items():
         oracle = f" (oracle {m['oracle_roc_auc']:.4f})" if "oracle_roc_auc" in m else ""
-        log.info("eval %s %-16s ROC-AUC %.4f%s  PR-AUC %.4f  NE %.4f  calibration %.3f  (%d rows)",
-                 day, label, m["roc_auc"], oracle, m["pr_auc"], m["ne"], m["calibration"], m["count"])
+        log.info("eval %s %-16s ROC-AUC %.4f%s  PR-AUC %.4f  NE %.4f  calibration %.3f  (%d rows, %d positive)",
+                 day, label, m["roc_auc"], oracle, m["pr_auc"], m["ne"], m["calibration"], m["count"], m["positives"])
 
 
 def _days(root: Path, source: str, key: str) -> list[str]:

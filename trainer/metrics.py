@@ -34,6 +34,7 @@ def binary_metrics(pred: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
         "calibration": pred.mean().item() / rate if n and rate > 0 else float("nan"),
         "positive_rate": rate,
         "count": n,
+        "positives": int(label.sum().item()),
     }
 
 

@@ -93,8 +93,16 @@ class PipelineConfig:
     """The DERM embeddings the downstream models read."""
     baseline: bool = True
     """Also train each downstream model without DERM embeddings, for the lift."""
+    similarity: bool = False
+    """The DERM downstream models also read the cosine ⟨user, Pin⟩ of each source whose two
+    embeddings they read (``derm.similarity`` of trainer/downstream.py; beyond the paper)."""
+    min_positives: int = 100
+    """A label with fewer positive rows on an eval day is reported as "too few positives (n)"
+    rather than with an AUC that noise would dominate."""
     downstream_features: tuple[str, ...] = ()
     """The downstream models' restricted feature set (empty: all of the source's)."""
+    seed: int = 0
+    """Seed of every training job (``train.seed``): the demo's figures are given for seeds 0, 1 and 2."""
     upstream_overrides: tuple[str, ...] = ()
     """Extra ``--section.field=value`` for trainer/main.py (e.g. ``--data.batch_size=1024``)."""
     downstream_overrides: tuple[str, ...] = ()
@@ -106,6 +114,8 @@ class PipelineConfig:
         unknown = [f for f in self.derm if f not in DERM_FEATURES]
         if unknown:
             raise ValueError(f"derm: unknown embedding(s) {unknown}; choose from {list(DERM_FEATURES)}")
+        if self.min_positives < 1:
+            raise ValueError(f"min_positives must be >= 1, got {self.min_positives}")
         if self.max_parallel < 1:
             raise ValueError(f"max_parallel must be >= 1, got {self.max_parallel}")
         if self.synthetic_preset and self.synthetic_preset not in PRESETS:
@@ -180,7 +190,21 @@ class Pipeline:
 
     def _resources(self) -> dict[str, Any]:
         c = self.config
-        return {"image": c.image, "j": c.j, "cpu": c.cpu, "gpu": c.gpu, "memMB": c.memMB}
+        out = {"image": c.image, "j": c.j, "cpu": c.cpu, "gpu": c.gpu, "memMB": c.memMB}
+        threads = self.threads_per_rank()
+        if threads:
+            out["env"] = {"DERM_THREADS": str(threads)}
+        return out
+
+    def threads_per_rank(self) -> int | None:
+        """local_cwd runs a stage's jobs side by side on this host: each rank gets its share of the
+        cores (``DERM_THREADS``), since OpenMP threads that lose their core to another job stall
+        (5-13x slower steps: ``trainer.distributed.set_threads``). None elsewhere: a cluster job owns its ``cpu``."""
+        if self.config.scheduler != "local_cwd":
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ranks = int(self.config.j.split("x")[-1]) if "x" in self.config.j else 1
+        return max(1, cores // (self.config.max_parallel * ranks))
 
     def _upstream(self, source: str, day: str, eval_day: str) -> Step:
         from torchx_components import train
@@ -190,7 +214,7 @@ class Pipeline:
         # temperature and the spread of the model whose embeddings the lifecycle publishes.
         args = [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={run_dir}",
                 "--train.overwrite=true", f'--train.eval_day="{eval_day}"', "--data.synthetic_preset=",
-                *self.config.upstream_overrides]
+                f"--train.seed={self.config.seed}", *self.config.upstream_overrides]
 
         def app():  # decided at submission, once the earlier days are done
             if self._trained_before(run_dir, day):
@@ -227,8 +251,9 @@ class Pipeline:
         features = list(c.derm) if with_derm else []
         args = [f"--data.root={self.data}", f"--data.source={kind}", f"--train.run_dir={run_dir}", "--train.overwrite=true",
                 f"--derm.features={json.dumps(features)}", f"--derm.store_root={self.work / 'store'}",
+                f"--derm.similarity={'true' if c.similarity and with_derm else 'false'}",
                 f"--model.features={json.dumps(list(c.downstream_features))}", "--data.synthetic_preset=",
-                *c.downstream_overrides]
+                f"--train.seed={c.seed}", *c.downstream_overrides]
         def app():
             mode = {"mode": "incremental", "day": day} if self._trained_before(run_dir, day) else {"mode": "initial", "days": day}
             return downstream.train(*args, kind=kind, eval_day=eval_day, name=f"derm/downstream-{run_dir.name}-{day}",
@@ -273,7 +298,8 @@ class Pipeline:
     def settings(self) -> dict[str, Any]:
         """What the outputs under ``work`` depend on (not where or how the jobs run)."""
         c = self.config
-        keys = ("data", "method", "alpha", "ann", "derm", "downstream_features", "upstream_overrides", "downstream_overrides")
+        keys = ("data", "seed", "method", "alpha", "ann", "derm", "similarity", "downstream_features", "upstream_overrides",
+                "downstream_overrides")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(c, k)) for k in keys)}
 
     def _check_settings(self) -> None:
@@ -325,22 +351,43 @@ class Pipeline:
 
     # ---- results ----------------------------------------------------------------------------
     def results(self, days: list[str], downstream_days: list[str], eval_days: dict[str, str]) -> dict[str, Any]:
-        """Per downstream day and model: eval metrics with DERM, without (baseline), and the lift."""
+        """Per downstream day and model: eval metrics with DERM, without (baseline), and the lift;
+        the examples and steps each model has trained on so far, the eval day's positives and the
+        DERM embeddings' coverage of its rows. A label with fewer than ``min_positives`` positives
+        gets no AUCs (``too_few_positives``)."""
         rows = []
         for day in downstream_days:
             for kind in SOURCES:
-                runs = {v: _read_json(self.run_dir(kind, v) / "summaries" / f"{day}.json") for v in self._variants()}
-                for label, m in runs[True]["eval"].items():
+                runs = {v: self._trained_until(kind, v, day, downstream_days) for v in self._variants()}
+                summary = runs[True]["summary"]
+                for label, m in summary["eval"].items():
+                    few = m["positives"] < self.config.min_positives
                     row = {"day": day, "eval_day": eval_days[day], "model": kind, "label": label,
-                           "roc_auc": m["roc_auc"], "pr_auc": m["pr_auc"], "oracle_roc_auc": m.get("oracle_roc_auc")}
+                           "positives": m["positives"], "rows": m["count"], "too_few_positives": few,
+                           "roc_auc": None if few else m["roc_auc"], "pr_auc": None if few else m["pr_auc"],
+                           "oracle_roc_auc": None if few else m.get("oracle_roc_auc"),
+                           "train_examples": runs[True]["examples"], "train_steps": runs[True]["steps"],
+                           "coverage": summary.get("coverage", {})}
                     if False in runs:
-                        b = runs[False]["eval"][label]
-                        row.update(baseline_roc_auc=b["roc_auc"], baseline_pr_auc=b["pr_auc"],
-                                   roc_auc_lift_pct=100 * (m["roc_auc"] / b["roc_auc"] - 1),
-                                   pr_auc_lift_pct=100 * (m["pr_auc"] / b["pr_auc"] - 1))
+                        b = runs[False]["summary"]["eval"][label]
+                        row.update(baseline_train_examples=runs[False]["examples"], baseline_train_steps=runs[False]["steps"])
+                        row.update(baseline_roc_auc=None, baseline_pr_auc=None, roc_auc_lift_pct=None, pr_auc_lift_pct=None)
+                        if not few:
+                            row.update(baseline_roc_auc=b["roc_auc"], baseline_pr_auc=b["pr_auc"],
+                                       roc_auc_lift_pct=100 * (m["roc_auc"] / b["roc_auc"] - 1),
+                                       pr_auc_lift_pct=100 * (m["pr_auc"] / b["pr_auc"] - 1))
                     rows.append(row)
-        return {"days": days, "downstream_days": downstream_days, "derm": list(self.config.derm), "method": self.config.method, "alpha": self.config.alpha,
+        return {"days": days, "downstream_days": downstream_days, "derm": list(self.config.derm), "method": self.config.method,
+                "alpha": self.config.alpha, "similarity": self.config.similarity, "min_positives": self.config.min_positives,
                 "rows": rows, "embedding_quality": self.embedding_quality(days), "jobs_submitted": self.submitted}
+
+    def _trained_until(self, kind: str, with_derm: bool, day: str, downstream_days: list[str]) -> dict[str, Any]:
+        """The summary of the run of ``kind`` that ended on ``day``, and the examples and steps
+        the model has trained on up to it (incremental runs: every downstream day so far)."""
+        run_dir = self.run_dir(kind, with_derm)
+        summaries = [_read_json(run_dir / "summaries" / f"{d}.json") for d in downstream_days if d <= day]
+        return {"summary": summaries[-1], "steps": summaries[-1]["global_step"],
+                "examples": sum(s["examples"] for summary in summaries for s in summary["days"])}
 
     def embedding_quality(self, days: list[str]) -> list[dict[str, Any]]:
         """One entry per day and published embedding (ctr_user, ctr_pin, cvr_user, cvr_pin): spread,
@@ -378,16 +425,24 @@ class Pipeline:
 
 def results_table(results: dict[str, Any]) -> str:
     """The results as a markdown table (what the pipeline prints at the end)."""
-    head = "| trained | eval | model | label | ROC-AUC | baseline | lift % | PR-AUC | baseline | lift % | oracle AUC |"
-    lines = [head, "|" + "---|" * 11]
+    head = ("| trained | eval | model | label | ROC-AUC | baseline | lift % | PR-AUC | baseline | lift % | oracle AUC "
+            f"| positives | examples (steps) | coverage: {' '.join(results['derm']) or '–'} |")
+    lines = [head, "|" + "---|" * 14]
+
+    def num(v, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+
     for r in results["rows"]:
-        base = r.get("baseline_roc_auc")
-        cells = [r["day"], r["eval_day"], r["model"], r["label"], f"{r['roc_auc']:.4f}",
-                 f"{base:.4f}" if base is not None else "–", f"{r['roc_auc_lift_pct']:+.2f}" if base is not None else "–",
-                 f"{r['pr_auc']:.4f}", f"{r['baseline_pr_auc']:.4f}" if base is not None else "–",
-                 f"{r['pr_auc_lift_pct']:+.2f}" if base is not None else "–",
-                 f"{r['oracle_roc_auc']:.4f}" if r.get("oracle_roc_auc") is not None else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
+        coverage = " ".join(f"{v:.0%}" for v in r.get("coverage", {}).values()) or "–"
+        seen = f"{r['train_examples']:,} ({r['train_steps']})"
+        if r.get("too_few_positives"):
+            metrics = [f"too few positives ({r['positives']})"] + ["–"] * 6
+        else:
+            metrics = [num(r["roc_auc"], ".4f"), num(r.get("baseline_roc_auc"), ".4f"), num(r.get("roc_auc_lift_pct"), "+.2f"),
+                       num(r["pr_auc"], ".4f"), num(r.get("baseline_pr_auc"), ".4f"), num(r.get("pr_auc_lift_pct"), "+.2f"),
+                       num(r.get("oracle_roc_auc"), ".4f")]
+        lines.append("| " + " | ".join([r["day"], r["eval_day"], r["model"], r["label"], *metrics, str(r["positives"]), seen,
+                                         coverage]) + " |")
     return "\n".join(lines)
 
 
