@@ -1,42 +1,43 @@
 """The paper's offline experiments on our data (paper §4.1, Appendix D, E.1): how much DERM
 embeddings lift the downstream CTR and CVR models, by aggregation heuristic (Table 1), by which of
-the four embeddings they read (Tables 2 and 4) and by projection width (Appendix D.1).
+the four embeddings they read (Tables 2 and 4) and by projection width (Appendix D.1); and, beyond
+the paper, with the cosine of each source's user and Pin embedding as an input of its own.
 
-One process per dataset and seed, running the project's own components in-process (the daily
-pipeline, :mod:`trainer.pipeline`, runs the same steps as TorchX jobs; here 20 downstream models per
-seed would otherwise each pay a job's start-up):
+A **protocol** file (``experiments/protocols/<dataset>.toml``, or ``--protocol``) says which days
+play which part and what every cell shares, so the same protocol runs on any dataset with ctr and
+cvr sources. One process per dataset and seed runs the project's own components in-process (the
+daily pipeline, :mod:`trainer.pipeline`, runs the same steps as TorchX jobs):
 
 1. **Upstream.** The ctr and cvr DERM models (:class:`trainer.loop.Trainer`) train day by day over
-   every day but the last; after each day of the embedding window, that day's users and Pins are
-   embedded with the model as it stands (``embeddings.infer.infer_day``), as the daily job would
-   with that day's snapshot.
+   the upstream days; after each embedding day, that day's users and Pins are embedded with the
+   model as it then stands (``embeddings.infer.infer_day``), as the daily job does with that day's
+   snapshot (``--embed back``: every day with the last model instead, Appendix B.3).
 2. **Pools and stores.** Each embedding's daily outputs are aggregated day by day
    (``embeddings.aggregate.aggregate_day``; MA with α = 0.9 for all four, and for ``cvr_user`` also
    ACC, MA α ∈ {0.5, 0.99} and AP) and every day's pool is published as a version of an embedded
    feature store (``embeddings.publish.publish``).
-3. **Downstream cells.** Each cell trains a fresh downstream model (:mod:`trainer.downstream`) on
-   the training days — a row of day d reads the versions of day d − 1 — and evaluates it on the
-   held-out days, where a row of day d also reads the version of day d − 1. The baseline is the same
-   model without DERM embeddings, same seed, same data.
+3. **Downstream cells.** Each cell trains a fresh downstream model (:mod:`trainer.downstream`)
+   incrementally, one pass a day, over the downstream training days — a row of day d reads the
+   versions of day d − 1 — and is evaluated on the validation days after each (the learning curve),
+   then on the test days. It trains once per value of the protocol's tuning grid; the validation
+   days pick one, the test days report it. The baseline is the same model without DERM embeddings,
+   with the same seed, data, steps and grid.
 
-Results go to ``OUT/results.jsonl`` (one line per cell; a re-run skips the cells already there, so
-an interrupted run resumes), TensorBoard runs to ``OUT/seed=S/**/tb``. ``experiments/report.py``
-turns them into the markdown report with plots.
+Results go to ``OUT/results.jsonl`` (one line per cell, every tuning run inside it; a re-run skips
+the cells already there, so an interrupted run resumes), TensorBoard runs to ``OUT/seed=S/**/tb``.
+``experiments/report.py`` turns them into the markdown report with plots.
 
 Usage::
 
     python experiments/lift.py --dataset small --seeds 0,1,2 --out runs/experiments/small
     python experiments/lift.py --dataset movielens --seeds 0,1,2 --out runs/experiments/ml-100k
-    python experiments/lift.py --dataset small --seeds 0,1,2 --upstream-steps-per-day 0 --embed back \\
-        --out runs/experiments/small-full-back
+    python experiments/lift.py --dataset mylog --data /data/mylog --protocol mylog.toml --out runs/experiments/mylog
     python experiments/lift.py --dataset tiny --seeds 0 --out /tmp/lift --cells baseline,table2   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as dt
 import json
 import logging
 import shutil
@@ -56,16 +57,10 @@ ALL4 = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
 DEFAULT_POOL = ("ma", 0.9)
 TABLE1_POOLS = (("acc", None), ("ma", 0.5), ("ma", 0.9), ("ma", 0.99), ("ap", None))
 
-# The synthetic world's downstream models see the production-like restricted feature set of the
-# demo pipeline (configs/pipeline-demo.toml, which says why), read from there so the two agree.
-SYNTHETIC_DOWNSTREAM_FEATURES = tuple(
-    tomllib.loads((Path(__file__).resolve().parents[1] / "configs" / "pipeline-demo.toml").read_text())["downstream_features"]
-)
-# MovieLens: ids, the movie's metadata, context and the rating sequence; not the demographics or counts.
-MOVIELENS_DOWNSTREAM_FEATURES = (
-    "user_id", "pin_id", "pin_release_year", "pin_genres", "hour_of_day", "day_of_week", "user_seq",
-)
-
+VARIANTS = {"full_rank": {"model": {"low_rank": 0}}, "raw": {"derm": {"standardize": False}}}
+"""Config overrides of the ``reading`` table's cells."""
+PROTOCOLS = Path(__file__).resolve().parent / "protocols"
+REPO = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Cell:
@@ -79,12 +74,18 @@ class Cell:
     pool: tuple[str, float | None] = DEFAULT_POOL
     """Aggregation of ``cvr_user`` (Table 1 varies it; the others always read the default pools)."""
     projection_dim: int = 32
+    similarity: bool = False
+    """Also read the cosine ⟨user, Pin⟩ of each source's pair (the ``similarity`` table: an
+    extension beyond the paper, ``derm.similarity``)."""
+    variant: str = ""
+    """A way of reading the embeddings (:data:`VARIANTS`; the ``reading`` table's ablation)."""
 
     @property
     def name(self) -> str:
         pool = "" if self.pool == DEFAULT_POOL else f"-{_pool_name(self.pool)}"
         derm = "+".join(self.derm) or "none"
-        return f"{self.table}-{self.kind}-{derm}{pool}-p{self.projection_dim}"
+        return (f"{self.table}-{self.kind}-{derm}{pool}-p{self.projection_dim}{'-sim' if self.similarity else ''}"
+                f"{'-' + self.variant if self.variant else ''}")
 
 
 def cells() -> list[Cell]:
@@ -97,56 +98,120 @@ def cells() -> list[Cell]:
         out.append(Cell("table4", "cvr", derm))
     # Appendix D's width 32 is Table 2's last row (the default projection): not trained twice.
     out += [Cell("appendix_d", "ctr", ALL4, projection_dim=p) for p in (0, 8, 16, 64)]
+    # What the downstream side needs to read the embeddings (issue 12): full-rank crosses (and the
+    # baseline with them, its own reference); the raw embeddings into the projections, without
+    # the standardization that derm.standardize (default on) puts before them.
+    out += [Cell("reading", "ctr", (), variant="full_rank"), Cell("reading", "ctr", ALL4, variant="full_rank"),
+            Cell("reading", "ctr", ALL4, variant="raw"), Cell("reading", "cvr", ALL4, variant="raw")]
+    # Beyond the paper: the same embeddings plus the cosine of each source's user and Pin.
+    out += [Cell("similarity", "ctr", ("ctr_user", "ctr_pin"), similarity=True), Cell("similarity", "ctr", ALL4, similarity=True),
+            Cell("similarity", "cvr", ALL4, similarity=True)]
     return out
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """Which days play which part (all days of the dataset, in order)."""
+    """Which days play which part, and the settings every cell shares: a protocol file
+    (``experiments/protocols/<dataset>.toml``, or ``--protocol``), so that the same protocol runs
+    on any dataset with ctr and cvr sources. Days are Python slices (``"1:-2"``) of the dataset's
+    sorted days."""
 
+    name: str
+    description: str
     upstream_days: list[str]
-    """Trained by the upstream models, in order: every day but the last."""
+    """Trained by the upstream models, day by day, in order."""
     embed_days: list[str]
     """Days whose embeddings are inferred, aggregated and published (version d after day d)."""
     train_days: list[str]
-    """Downstream training days."""
-    eval_days: list[str]
-    """Held-out downstream evaluation days."""
+    """Downstream training days: one incremental pass each, a row of day d reading version d − 1."""
+    validation_days: list[str]
+    """Where the learning curve is drawn and every choice (the tuning grid) is made."""
+    test_days: list[str]
+    """Reported, never used for a choice."""
     downstream_features: tuple[str, ...]
-    upstream_overrides: dict[str, Any]
-    downstream_overrides: dict[str, Any]
+    upstream_steps_per_day: int
+    upstream_batch_size: int
+    downstream_batch_size: int
+    dense_lr: tuple[float, ...]
+    """The tuning grid: every cell, baseline included, trains once per value; the validation days
+    pick one (same budget for every cell)."""
+    min_positives: int
+    """A label with fewer positives on the test days is reported as "too few positives (n)"."""
+
+    @property
+    def upstream_overrides(self) -> dict[str, Any]:
+        return {"data": {"batch_size": self.upstream_batch_size}, "train": {"max_steps_per_day": self.upstream_steps_per_day}}
+
+    @property
+    def downstream_overrides(self) -> dict[str, Any]:
+        return {"data": {"batch_size": self.downstream_batch_size}}
+
+    def check(self) -> None:
+        """Refuses a split that would choose or report on a trained day, or read an embedding
+        that is never published."""
+        parts = {"upstream": self.upstream_days, "embed": self.embed_days, "train": self.train_days,
+                 "validation": self.validation_days, "test": self.test_days}
+        empty = [k for k, v in parts.items() if not v]
+        if empty:
+            raise ValueError(f"protocol {self.name}: no days for {empty} (days: {parts})")
+        if max(self.train_days) >= min(self.validation_days) or max(self.validation_days) >= min(self.test_days):
+            raise ValueError(f"protocol {self.name}: train days must precede validation days, and those the test days "
+                             f"(train {self.train_days[0]}..{self.train_days[-1]}, validation {self.validation_days[0]}.."
+                             f"{self.validation_days[-1]}, test {self.test_days[0]}..{self.test_days[-1]})")
+        if not set(self.embed_days) <= set(self.upstream_days):
+            raise ValueError(f"protocol {self.name}: embed days must be upstream days (embedded right after training them)")
+        if min(self.embed_days) >= min(self.train_days):
+            raise ValueError(f"protocol {self.name}: the first downstream day {self.train_days[0]} reads a version from "
+                             f"before it; embedding starts only on {self.embed_days[0]}")
 
 
-UPSTREAM_STEPS_PER_DAY = {"tiny": 8, "small": 40, "movielens": 0}
-"""The default cap on upstream steps per day (0: full passes). ``small``: 40 x 2048 of the 200k ctr
-rows a day (its cvr days hold 30 batches), so that three seeds fit an afternoon; ``--upstream-steps-per-day``
-changes it."""
+def _slice(days: list[str], text: str, where: str) -> list[str]:
+    try:
+        bounds = [int(b) if b.strip() else None for b in text.split(":")]
+    except ValueError:
+        bounds = []
+    if len(bounds) != 2:
+        raise ValueError(f"{where}: {text!r} is not a slice such as '1:-2'")
+    return days[bounds[0]:bounds[1]]
 
 
-EMBED_MODES = ("daily", "back")
+def load_protocol(path: Path, days: list[str], upstream_steps_per_day: int | None = None) -> Protocol:
+    """The protocol file ``path`` applied to the dataset's sorted ``days``;
+    ``upstream_steps_per_day`` overrides the file's (0: full passes)."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"protocol {path}: {e}") from None
+    where = f"protocol {path}"
+    try:
+        split = {k: _slice(days, raw["days"][k], f"{where} [days] {k}") for k in ("upstream", "embed", "train", "validation", "test")}
+        up, down = raw["upstream"], raw["downstream"]
+        features = down["features"]
+        if isinstance(features, str):  # a config file whose downstream_features to use
+            features = tomllib.loads((REPO / features).read_text())["downstream_features"]
+        proto = Protocol(
+            name=path.stem, description=raw.get("description", ""), upstream_days=split["upstream"], embed_days=split["embed"],
+            train_days=split["train"], validation_days=split["validation"], test_days=split["test"],
+            downstream_features=tuple(features),
+            upstream_steps_per_day=int(up["steps_per_day"] if upstream_steps_per_day is None else upstream_steps_per_day),
+            upstream_batch_size=int(up["batch_size"]), downstream_batch_size=int(down["batch_size"]),
+            dense_lr=tuple(float(v) for v in down.get("dense_lr", [1e-3])), min_positives=int(raw.get("min_positives", 100)),
+        )
+    except KeyError as e:
+        raise ValueError(f"{where}: missing key {e}") from None
+    proto.check()
+    return proto
 
 
 def protocol(dataset: str, days: list[str], upstream_steps_per_day: int | None = None) -> Protocol:
-    """The day split of a dataset (see docs/experiments.md for why); ``upstream_steps_per_day``
-    overrides :data:`UPSTREAM_STEPS_PER_DAY` (0: full passes over the days)."""
-    cap = UPSTREAM_STEPS_PER_DAY[dataset] if upstream_steps_per_day is None else upstream_steps_per_day
-    if dataset in ("tiny", "small"):
-        # 1 held-out day, 1 downstream training day; upstream and embeddings over all the others.
-        return Protocol(days[:-1], days[:-1], days[-2:-1], days[-1:], SYNTHETIC_DOWNSTREAM_FEATURES,
-                        {"data": {"batch_size": 512 if dataset == "tiny" else 2048}, "train": {"max_steps_per_day": cap}},
-                        {"data": {"batch_size": 512 if dataset == "tiny" else 2048}})
-    if dataset == "movielens":
-        # Sparse days: evaluate on the last 14 days together, train downstream on the 14 before,
-        # and publish embeddings from a week before those on (MA needs a history). The upstream
-        # models train on the 16 weeks before the evaluation window (about half the ratings; the
-        # downstream models see the last two of those weeks).
-        eval_days, train_days = days[-14:], days[-28:-14]
-        start = (dt.date.fromisoformat(eval_days[0]) - dt.timedelta(weeks=16)).isoformat()
-        first = (dt.date.fromisoformat(train_days[0]) - dt.timedelta(days=8)).isoformat()
-        embed = [d for d in days[:-1] if d >= first]
-        return Protocol([d for d in days[:-1] if d >= start], embed, train_days, eval_days, MOVIELENS_DOWNSTREAM_FEATURES,
-                        {"data": {"batch_size": 2048}, "train": {"max_steps_per_day": cap}}, {"data": {"batch_size": 1024}})
-    raise ValueError(f"unknown dataset {dataset!r}: tiny, small or movielens")
+    """The protocol file of a named dataset (``experiments/protocols/<dataset>.toml``)."""
+    path = PROTOCOLS / f"{dataset}.toml"
+    if not path.is_file():
+        raise ValueError(f"unknown dataset {dataset!r}: no {path}; give --protocol")
+    return load_protocol(path, days, upstream_steps_per_day)
+
+
+EMBED_MODES = ("daily", "back")
 
 
 def _pool_name(pool: tuple[str, float | None]) -> str:
@@ -155,34 +220,41 @@ def _pool_name(pool: tuple[str, float | None]) -> str:
 
 
 class Experiment:
-    """One dataset and seed: upstream, pools and stores, then every downstream cell."""
+    """One dataset and seed under one protocol: upstream, pools and stores, then every downstream
+    cell."""
 
     def __init__(self, dataset: str, data: Path, out: Path, seed: int, ctx, upstream_steps_per_day: int | None = None,
-                 embed: str = "daily") -> None:
-        from trainer.data.spec import load_spec
+                 embed: str = "daily", protocol_file: Path | None = None) -> None:
+        from trainer.data.loader import day_partitions
 
         if embed not in EMBED_MODES:
             raise ValueError(f"embed {embed!r}: expected one of {', '.join(EMBED_MODES)}")
         self.dataset, self.data, self.seed, self.ctx, self.embed = dataset, data, seed, ctx, embed
-        self.upstream_steps_per_day = (UPSTREAM_STEPS_PER_DAY[dataset] if upstream_steps_per_day is None
-                                       else upstream_steps_per_day)
         self.out = out
         self.work = out / f"seed={seed}"
-        spec = load_spec(data / "spec.toml")
-        days = sorted(p.name[4:] for p in (data / "ctr").glob("day=*"))
-        self.protocol = protocol(dataset, days, self.upstream_steps_per_day)
+        days = sorted(set(day_partitions(data / "ctr")) & set(day_partitions(data / "cvr")))
+        self.protocol = (load_protocol(protocol_file, days, upstream_steps_per_day) if protocol_file
+                         else protocol(dataset, days, upstream_steps_per_day))
+        self.upstream_steps_per_day = self.protocol.upstream_steps_per_day
+        self.upstream_steps_per_day_override = upstream_steps_per_day
         self._check_made_with()
-        self.spec_name = spec.name
+
+    def upstream_settings(self) -> dict[str, Any]:
+        """What the published embeddings depend on."""
+        p = self.protocol
+        return {"upstream_steps_per_day": p.upstream_steps_per_day, "embed": self.embed, "upstream_days": p.upstream_days,
+                "embed_days": p.embed_days, "upstream_batch_size": p.upstream_batch_size}
 
     def _check_made_with(self) -> None:
         """Refuses a seed folder (and so its results) made under another upstream protocol."""
         marker = self.work / "upstream.json"
         if marker.is_file():
             made = json.loads(marker.read_text())
-            made_with = (made.get("upstream_steps_per_day", UPSTREAM_STEPS_PER_DAY[self.dataset]), made.get("embed", "daily"))
-            if made_with != (self.upstream_steps_per_day, self.embed):
-                raise SystemExit(f"{marker}: these embeddings were made with --upstream-steps-per-day {made_with[0]} "
-                                 f"--embed {made_with[1]}, not {self.upstream_steps_per_day} and {self.embed}; give another --out")
+            now = self.upstream_settings()
+            differ = sorted(k for k in now if made.get(k) != now[k])
+            if differ:
+                raise SystemExit(f"{marker}: these embeddings were made with other settings ({', '.join(differ)}: "
+                                 f"{[made.get(k) for k in differ]}, not {[now[k] for k in differ]}); give another --out")
 
     # ---- 1 + 2: upstream models, pools and stores ----------------------------------------------
     def upstream(self) -> None:
@@ -191,7 +263,7 @@ class Experiment:
             log.info("seed %d: upstream embeddings already published (%s)", self.seed, marker)
             return
         shutil.rmtree(self.work / "emb", ignore_errors=True)
-        t0, stats = time.perf_counter(), {"upstream_steps_per_day": self.upstream_steps_per_day, "embed": self.embed}
+        t0, stats = time.perf_counter(), self.upstream_settings()
         for source in ("ctr", "cvr"):
             stats[source] = self._train_and_embed(source)
         for source in ("ctr", "cvr"):
@@ -253,11 +325,33 @@ class Experiment:
 
     # ---- 3: downstream cells ------------------------------------------------------------------
     def run_cell(self, cell: Cell) -> dict:
+        """Trains the cell once per value of the protocol's tuning grid; the validation days pick
+        one, whose test-day metrics are the cell's (``metrics``). Every run is kept in ``tuning``."""
+        runs = [self._train_cell(cell, lr) for lr in self.protocol.dense_lr]
+        label = next(iter(runs[0]["validation"]))
+        best = max(runs, key=lambda r: _score(r["validation"][label]["roc_auc"]))
+        p = self.protocol
+        return {
+            "dataset": self.dataset, "protocol": p.name, "upstream_steps_per_day": self.upstream_steps_per_day,
+            "upstream_steps_per_day_override": self.upstream_steps_per_day_override, "embed": self.embed,
+            "seed": self.seed, "cell": cell.name, "table": cell.table, "kind": cell.kind,
+            "derm": list(cell.derm), "pool": _pool_name(cell.pool), "projection_dim": cell.projection_dim,
+            "similarity": cell.similarity, "variant": cell.variant, "train_days": p.train_days, "validation_days": p.validation_days,
+            "test_days": p.test_days, "min_positives": p.min_positives,
+            **{k: best[k] for k in ("dense_lr", "train_examples", "train_steps", "train_examples_per_s", "eval_seconds",
+                                     "input_width", "derm_width", "curve", "coverage", "validation")},
+            "metrics": best["test"],
+            "tuning": [{"dense_lr": r["dense_lr"], "validation_roc_auc": r["validation"][label]["roc_auc"]} for r in runs],
+        }
+
+    def _train_cell(self, cell: Cell, dense_lr: float) -> dict:
+        """One training of a cell: incremental over the train days, evaluated on the validation
+        days after each (the learning curve), then on the test days."""
         from trainer.config import from_dict
         from trainer.downstream import DownstreamRunConfig, _trainer_cls
 
         p = self.protocol
-        run_dir = self.work / "downstream" / cell.name
+        run_dir = self.work / "downstream" / (cell.name if len(p.dense_lr) == 1 else f"{cell.name}-lr{dense_lr:g}")
         shutil.rmtree(run_dir, ignore_errors=True)
         # Every cell reads the default pools except Table 1's cvr_user: one store root per cell,
         # mixing in the varied cvr-user store through a per-cell folder of links.
@@ -266,26 +360,34 @@ class Experiment:
                       "data": {"root": str(self.data), "source": cell.kind, "synthetic_preset": ""},
                       "train": {"run_dir": str(run_dir), "seed": self.seed, "log_every": 50},
                       "model": {"features": list(p.downstream_features)},
-                      "derm": {"features": list(cell.derm), "store_root": str(store_root), "projection_dim": cell.projection_dim}},
-                     p.downstream_overrides)
+                      "optimizer": {"dense_lr": dense_lr},
+                      "derm": {"features": list(cell.derm), "store_root": str(store_root), "projection_dim": cell.projection_dim,
+                               "similarity": cell.similarity}},
+                     _merge(p.downstream_overrides, VARIANTS.get(cell.variant, {})))
         config = from_dict(DownstreamRunConfig, raw, cell.name)
         trainer = _trainer_cls()(config, self.ctx)
         try:
-            days = [trainer.train_day(d) for d in p.train_days]
+            days, curve, examples = [], [], 0
+            for d in p.train_days:
+                days.append(trainer.train_day(d))
+                examples += days[-1]["examples"]
+                validation = trainer.evaluate(p.validation_days)
+                curve.append({"day": d, "examples": examples, "coverage": days[-1].get("coverage"),
+                              "validation": {k: m["roc_auc"] for k, m in validation.items()}})
             t0 = time.perf_counter()
-            metrics = trainer.evaluate(p.eval_days)
+            test = trainer.evaluate(p.test_days)
+            test_coverage = trainer.eval_extras().get("coverage")
             eval_s = time.perf_counter() - t0
         finally:
             trainer.close()
-        examples, seconds = sum(d["examples"] for d in days), sum(d["seconds"] for d in days)
+        seconds = sum(d["seconds"] for d in days)
         return {
-            "dataset": self.dataset, "upstream_steps_per_day": self.upstream_steps_per_day, "embed": self.embed,
-            "seed": self.seed, "cell": cell.name, "table": cell.table, "kind": cell.kind,
-            "derm": list(cell.derm), "pool": _pool_name(cell.pool), "projection_dim": cell.projection_dim,
-            "train_days": p.train_days, "eval_days": p.eval_days, "train_examples": examples,
+            "dense_lr": dense_lr, "train_examples": examples, "train_steps": sum(d["steps"] for d in days),
             "train_examples_per_s": round(examples / max(seconds, 1e-9), 1), "eval_seconds": round(eval_s, 1),
             "input_width": getattr(trainer_model(trainer), "input_dim", None),
-            "derm_width": sum(f.output_dim for f in trainer.model_config.derm), "metrics": metrics,
+            "derm_width": sum(f.output_dim for f in trainer.model_config.derm),
+            "curve": curve, "validation": validation, "test": test,
+            "coverage": {"train": _mean_coverage(days), "test": test_coverage} if cell.derm else None,
         }
 
     def _cell_store_root(self, cell: Cell) -> Path:
@@ -299,6 +401,19 @@ class Experiment:
             if not link.is_symlink():
                 link.symlink_to(target, target_is_directory=True)
         return root
+
+
+def _score(auc: float) -> float:
+    """A validation AUC as a choice sees it: NaN (one class only) never wins."""
+    return -1.0 if auc != auc else auc
+
+
+def _mean_coverage(days: list[dict]) -> dict[str, float] | None:
+    """Per embedding, the share of all trained rows (over ``days``' stats) that found a version."""
+    if not days or days[0].get("coverage") is None:
+        return None
+    total = sum(d["examples"] for d in days)
+    return {k: round(sum(d["coverage"][k] * d["examples"] for d in days) / max(total, 1), 5) for k in days[0]["coverage"]}
 
 
 def trainer_model(trainer) -> Any:
@@ -329,13 +444,17 @@ def _done(results: Path) -> set[tuple[int, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="experiments/lift.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=["tiny", "small", "movielens"])
+    p.add_argument("--dataset", required=True,
+                   help="tiny, small or movielens (generated or downloaded when absent), or any name with --data and --protocol")
     p.add_argument("--data", help="dataset root (default: runs/data/<dataset>, generated or downloaded when absent)")
+    p.add_argument("--protocol", type=Path, default=None,
+                   help="protocol file (default: experiments/protocols/<dataset>.toml): the day split and shared settings")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", required=True, help="output folder (results.jsonl, seed=S/...)")
-    p.add_argument("--cells", default="", help="comma-separated tables to run (baseline,table1,table2,table4,appendix_d); default all")
+    p.add_argument("--cells", default="",
+                   help="comma-separated tables to run (baseline,table1,table2,table4,appendix_d,reading,similarity); default all")
     p.add_argument("--upstream-steps-per-day", type=int, default=None, metavar="N",
-                   help="cap on upstream steps per day, 0: full passes (default: tiny 8, small 40, movielens 0)")
+                   help="cap on upstream steps per day, 0: full passes (default: the protocol's)")
     p.add_argument("--embed", choices=EMBED_MODES, default="daily",
                    help="daily: embed each day with the model as trained up to it (the daily job); back: embed every "
                         "day with the last model (back inference over the batch window, paper Appendix B.3)")
@@ -351,13 +470,19 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     tables = set(args.cells.split(",")) if args.cells else None
+    unknown = sorted(tables - {c.table for c in cells()}) if tables else []
+    if unknown:
+        p.error(f"--cells: unknown table(s) {unknown}")
     todo = [c for c in cells() if tables is None or c.table in tables]
     ctx = init_distributed("cpu")
     if ctx.world_size != 1:  # every rank would append the same cells and remove the others' folders
         raise SystemExit("experiments/lift.py runs as one process (its models are small); start it with python, not torchrun")
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            exp = Experiment(args.dataset, data, out, seed, ctx, args.upstream_steps_per_day, args.embed)
+            try:
+                exp = Experiment(args.dataset, data, out, seed, ctx, args.upstream_steps_per_day, args.embed, args.protocol)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
             done = _done(results)
             if all((seed, c.name) in done for c in todo):
                 continue
@@ -381,14 +506,16 @@ def main(argv: list[str] | None = None) -> int:
 def _ensure_dataset(dataset: str, data: Path) -> None:
     if (data / "spec.toml").exists():
         return
+    from trainer.data.synthetic import PRESETS, generate
+
+    if dataset not in (*PRESETS, "movielens"):
+        raise SystemExit(f"error: {data}: no dataset (spec.toml) there, and {dataset!r} is not one to generate")
     if dataset == "movielens":
         from trainer.data.movielens import main as movielens_main
 
         if movielens_main(["--out", str(data)]) != 0:
             raise SystemExit(f"could not build MovieLens-100K into {data}")
         return
-    from trainer.data.synthetic import PRESETS, generate
-
     log.info("generating the %s synthetic world into %s", dataset, data)
     generate(data, PRESETS[dataset], seed=0)
 

@@ -23,7 +23,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from experiments.lift import UPSTREAM_STEPS_PER_DAY  # noqa: E402
 
 PAPER_TABLE1 = {"acc": "0.02", "ma0.5": "0.03–0.09 *", "ma0.9": "0.03–0.09 *", "ma0.99": "0.03–0.09 *", "ap": "0.03"}
 PAPER_TABLE2 = {  # (ctr_user, ctr_pin, cvr_user, cvr_pin) -> (ROC-AUC lift %, PR-AUC lift %)
@@ -44,35 +43,42 @@ POOL_ORDER = ["acc", "ma0.5", "ma0.9", "ma0.99", "ap"]
 POOL_LABEL = {"acc": "ACC", "ma0.5": "MA α=0.5", "ma0.9": "MA α=0.9", "ma0.99": "MA α=0.99", "ap": "AP"}
 
 
+OLD_CAPS = {"tiny": 8, "small": 40, "movielens": 0}
+"""Upstream steps per day of rows from before protocol files, where the dataset fixed them."""
 DATASET_NAMES = {"small": "synthetic small world", "tiny": "synthetic tiny world", "movielens": "MovieLens-100K"}
 
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
-    """Rows by dataset and upstream protocol, keyed by the section title (the last row wins when a
-    cell of a seed appears twice). Rows without ``upstream_steps_per_day`` / ``embed`` used the
-    defaults (the dataset's cap, daily embedding)."""
+    """Rows by dataset and protocol, keyed by the section title (the last row wins when a cell of
+    a seed appears twice). Rows from before protocol files (no ``protocol`` key) trained the
+    downstream models on one day and are titled so."""
     by_key: dict[tuple, dict] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                title = _title(r["dataset"], r.get("upstream_steps_per_day"), r.get("embed", "daily"))
+                title = _title(r)
                 by_key[(r["dataset"], title, r["seed"], r["cell"])] = r
     out: dict[str, list[dict]] = defaultdict(list)
-    for (_, title, _, _), r in sorted(by_key.items()):  # by dataset; a default protocol's title sorts first
+    for (_, title, _, _), r in sorted(by_key.items()):
         out[title].append(r)
     return dict(out)
 
 
-def _title(dataset: str, cap: int | None, embed: str) -> str:
-    """The section title: the dataset's name, and the upstream protocol where it is not the default."""
-    default_cap = UPSTREAM_STEPS_PER_DAY.get(dataset, 0)
-    cap = default_cap if cap is None else cap
+def _title(r: dict) -> str:
+    """The section title: the dataset's name, its protocol where it is not the dataset's own, and
+    the upstream settings where they are not the protocol's."""
+    dataset, protocol = r["dataset"], r.get("protocol")
     parts = [DATASET_NAMES.get(dataset, dataset)]
-    if cap != default_cap:
+    if protocol is None:
+        parts.append("one downstream training day (before protocol files)")
+    elif protocol != dataset:
+        parts.append(f"protocol {protocol}")
+    cap = r.get("upstream_steps_per_day_override") if protocol is not None else r.get("upstream_steps_per_day")
+    if cap is not None and (protocol is not None or cap != OLD_CAPS.get(dataset, 0)):
         parts.append("upstream on full days" if cap == 0 else f"upstream capped at {cap} steps a day")
-    if embed != "daily":
-        parts.append("back-inferred embeddings" if embed == "back" else f"embed {embed}")
+    if r.get("embed", "daily") != "daily":
+        parts.append("back-inferred embeddings" if r["embed"] == "back" else f"embed {r['embed']}")
     return ", ".join(parts)
 
 
@@ -84,17 +90,43 @@ class Dataset:
         self.label = {k: next(iter(next(r for r in rows if r["kind"] == k)["metrics"])) for k in ("ctr", "cvr")
                       if any(r["kind"] == k for r in rows)}
         self.baseline = {(r["seed"], r["kind"]): r for r in rows if r["table"] == "baseline"}
+        # A variant's own baseline (the reading table's full-rank baseline) where there is one.
+        self.variant_baseline = {(r["seed"], r["kind"], r["variant"]): r for r in rows if r.get("variant") and not r["derm"]}
         self.seeds = sorted({r["seed"] for r in rows})
 
     def metric(self, r: dict, key: str) -> float:
         return r["metrics"][self.label[r["kind"]]][key]
 
+    def too_few(self, r: dict) -> int | None:
+        """The test days' positives of ``r``'s label when fewer than its protocol's minimum, else None."""
+        m = r["metrics"][self.label[r["kind"]]]
+        n = m.get("positives")
+        return n if n is not None and n < r.get("min_positives", 0) else None
+
     def lifts(self, rows: list[dict], key: str) -> list[float]:
+        """Per seed, the paired lift in % over the same seed's baseline (seeds whose test days have
+        too few positives are left out)."""
         out = []
         for r in rows:
-            base = self.baseline.get((r["seed"], r["kind"]))
-            if base is not None:
+            base = self.baseline_of(r)
+            if base is not None and self.too_few(r) is None:
                 out.append(100 * (self.metric(r, key) / self.metric(base, key) - 1))
+        return out
+
+    def baseline_of(self, r: dict) -> dict | None:
+        """The same seed's baseline: the variant's own where it has one, else the plain one."""
+        own = self.variant_baseline.get((r["seed"], r["kind"], r.get("variant", "")))
+        return own if own is not None and own is not r else self.baseline.get((r["seed"], r["kind"]))
+
+    def gap_closed(self, rows: list[dict]) -> list[float]:
+        """Per seed, the share of the baseline-to-oracle ROC-AUC gap that the cell closes (%)."""
+        out = []
+        for r in rows:
+            base = self.baseline_of(r)
+            oracle = self.metric(r, "oracle_roc_auc") if "oracle_roc_auc" in r["metrics"][self.label[r["kind"]]] else None
+            if base is not None and oracle is not None and self.too_few(r) is None:
+                b = self.metric(base, "roc_auc")
+                out.append(100 * (self.metric(r, "roc_auc") - b) / (oracle - b))
         return out
 
     def oracle(self, kind: str) -> str:
@@ -120,6 +152,17 @@ def fmt(values: list[float], digits: int = 2, seeds: int = 0) -> str:
     return f"{statistics.mean(values):+.{digits}f} ± {statistics.stdev(values):.{digits}f}{n}"
 
 
+def lift_text(ds: "Dataset", rows: list[dict], key: str) -> str:
+    """The paired lift of ``rows`` (:func:`fmt`), naming every seed whose test days had too few
+    positives to measure it."""
+    few = [f"seed {r['seed']}: too few positives ({ds.too_few(r)})" for r in rows if ds.too_few(r) is not None]
+    return "; ".join([fmt(ds.lifts(rows, key), seeds=len(ds.seeds))] + few)
+
+
+def auc_text(ds: "Dataset", rows: list[dict], key: str = "roc_auc") -> str:
+    return _abs([ds.metric(r, key) for r in rows if ds.too_few(r) is None])
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), 0.0
@@ -138,9 +181,10 @@ def report(datasets: dict[str, Dataset], out: Path) -> str:
     for ds in datasets.values():
         lines += [f"## {ds.name}", "", f"Seeds: {', '.join(map(str, ds.seeds))}. "
                   f"Downstream CTR label `{ds.label.get('ctr')}`, CVR label `{ds.label.get('cvr')}`.", ""]
-        lines += _baselines(ds) + _table1(ds) + _table_subsets(ds, "table2", "ctr", PAPER_TABLE2, "Table 2: DERM embeddings → downstream CTR")
+        lines += _protocol(ds) + _baselines(ds) + _headline(ds) + _curve(ds)
+        lines += _table1(ds) + _table_subsets(ds, "table2", "ctr", PAPER_TABLE2, "Table 2: DERM embeddings → downstream CTR")
         lines += _table_subsets(ds, "table4", "cvr", PAPER_TABLE4, "Table 4 (Appendix E.1): DERM embeddings → downstream CVR")
-        lines += _appendix_d(ds)
+        lines += _appendix_d(ds) + _reading(ds)
         _plots(ds, out)
         slug = _slug(ds.name)
         lines += [f"![lifts on {ds.name}]({slug}-lifts.png)", "", f"![projection width on {ds.name}]({slug}-projection.png)", ""]
@@ -153,32 +197,116 @@ def _baselines(ds: Dataset) -> list[str]:
         rows = ds.select("baseline", kind)
         if not rows:
             continue
-        roc = [ds.metric(r, "roc_auc") for r in rows]
-        pr = [ds.metric(r, "pr_auc") for r in rows]
+        roc = [ds.metric(r, "roc_auc") for r in rows if ds.too_few(r) is None]
+        pr = [ds.metric(r, "pr_auc") for r in rows if ds.too_few(r) is None]
         oracle = [r["metrics"][ds.label[kind]].get("oracle_roc_auc") for r in rows]
         o = f"{oracle[0]:.4f}" if oracle[0] is not None else "– (real data)"
         lines.append(f"| {kind} | {ds.label[kind]} | {_abs(roc)} | {_abs(pr)} | {o} |")
     return lines + [""]
 
 
+HEADLINE = [("table2", "ctr", ALL4, "CTR, all four embeddings"), ("table2", "ctr", ("ctr_user", "ctr_pin"), "CTR, ctr pair"),
+            ("similarity", "ctr", ("ctr_user", "ctr_pin"), "CTR, ctr pair + cosine (beyond the paper)"),
+            ("similarity", "ctr", ALL4, "CTR, all four + cosines (beyond the paper)"),
+            ("table4", "cvr", ALL4, "CVR, all four embeddings"), ("table4", "cvr", ("cvr_user", "cvr_pin"), "CVR, cvr pair"),
+            ("similarity", "cvr", ALL4, "CVR, all four + cosines (beyond the paper)")]
+
+
+def _protocol(ds: Dataset) -> list[str]:
+    """The day split, steps and tuning grid the rows were made under (from the rows themselves)."""
+    r = ds.rows[0]
+    if "validation_days" not in r:
+        return [f"Downstream training days {', '.join(r['train_days'])}; evaluated on {', '.join(r['eval_days'])}.", ""]
+
+    def span(days: list[str]) -> str:
+        return days[0] if len(days) == 1 else f"{days[0]} .. {days[-1]} ({len(days)} days)"
+
+    grid = sorted({t["dense_lr"] for row in ds.rows for t in row.get("tuning", [])})
+    return [f"Protocol `{r['protocol']}`: downstream models train incrementally over {span(r['train_days'])}, one pass a "
+            f"day; choices on {span(r['validation_days'])}; reported on {span(r['test_days'])}. Tuning grid "
+            f"(dense learning rate, every cell alike): {', '.join(f'{v:g}' for v in grid)}. Examples seen per CTR / CVR model: "
+            + " / ".join(f"{_examples(ds, k)}" for k in ("ctr", "cvr")) + ".", ""]
+
+
+def _examples(ds: Dataset, kind: str) -> str:
+    rows = [r for r in ds.rows if r["kind"] == kind]
+    return f"{rows[0]['train_examples']:,} ({rows[0].get('train_steps', '?')} steps)" if rows else "–"
+
+
+def _headline(ds: Dataset) -> list[str]:
+    """The lifts the issue asks for, paired per seed, with the share of the gap to the oracle
+    closed, whether the mean clears 2 std, and the embeddings' coverage."""
+    lines = ["### The lift, paired by seed", "",
+             "| model, DERM input | ROC-AUC | baseline | ROC-AUC lift % | > 2 std | gap to oracle closed % | PR-AUC lift % "
+             "| coverage of test rows |", "|---|---|---|---|---|---|---|---|"]
+    for table, kind, derm, name in HEADLINE:
+        rows = ds.select(table, kind, derm, projection=32)
+        if not rows:
+            continue
+        lifts = ds.lifts(rows, "roc_auc")
+        m, sd = mean_std(lifts)
+        clear = "–" if len(lifts) < 2 else ("yes" if m > 2 * sd else "no")
+        base = [ds.baseline[(r["seed"], kind)] for r in rows if (r["seed"], kind) in ds.baseline]
+        coverage = _coverage(rows)
+        lines.append(f"| {name} | {auc_text(ds, rows)} | {auc_text(ds, base)} | {lift_text(ds, rows, 'roc_auc')} | {clear} | "
+                     f"{fmt(ds.gap_closed(rows), 1)} | {lift_text(ds, rows, 'pr_auc')} | {coverage} |")
+    return lines + [""]
+
+
+def _coverage(rows: list[dict]) -> str:
+    """Mean share of test rows that found each embedding (``–`` for rows that did not record it)."""
+    shares: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        for k, v in ((r.get("coverage") or {}).get("test") or {}).items():
+            shares[k].append(v)
+    return ", ".join(f"{k} {statistics.mean(v):.0%}" for k, v in shares.items()) or "–"
+
+
+def _curve(ds: Dataset) -> list[str]:
+    """Validation ROC-AUC after each downstream training day: has the baseline converged?"""
+    series = [("baseline", kind, (), f"{kind} baseline") for kind in ("ctr", "cvr")]
+    series += [(t, k, d, n) for t, k, d, n in HEADLINE if t != "table2" or d == ALL4]
+    cols = [(n, ds.select(t, k, d, projection=32 if t != "baseline" else None)) for t, k, d, n in series]
+    cols = [(n, rs) for n, rs in cols if rs and rs[0].get("curve")]
+    if not cols:
+        return []
+    lines = ["### Learning curve: validation ROC-AUC after each downstream training day", "",
+             "Mean ± std over seeds, on the validation days (never the test day).", "",
+             "| after day | " + " | ".join(n for n, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    days = [p["day"] for p in cols[0][1][0]["curve"]]
+    for i, day in enumerate(days):
+        cells = []
+        for _, rs in cols:
+            label = ds.label[rs[0]["kind"]]
+            cells.append(_abs([r["curve"][i]["validation"][label] for r in rs if len(r["curve"]) > i]))
+        lines.append(f"| {day} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _abs(values: list[float]) -> str:
+    if not values:
+        return "–"
     m, s = mean_std(values)
     return f"{m:.4f} ± {s:.4f}"
 
 
 def _table1(ds: Dataset) -> list[str]:
+    if not ds.select("table1", "cvr"):
+        return []
     lines = [f"### Table 1: aggregation of the CVR user embedding → downstream CVR ({ds.oracle('cvr')})", "",
              "| pool | ROC-AUC lift | PR-AUC lift | ROC-AUC | paper ROC-AUC lift |", "|---|---|---|---|---|"]
     for pool in POOL_ORDER:
         rows = ds.select("table1", "cvr", ("cvr_user",), pool)
         if rows:
-            lines.append(f"| {POOL_LABEL[pool]} | {fmt(ds.lifts(rows, 'roc_auc'), seeds=len(ds.seeds))} | {fmt(ds.lifts(rows, 'pr_auc'), seeds=len(ds.seeds))} | "
-                         f"{_abs([ds.metric(r, 'roc_auc') for r in rows])} | {PAPER_TABLE1.get(pool, '')} |")
+            lines.append(f"| {POOL_LABEL[pool]} | {lift_text(ds, rows, 'roc_auc')} | {lift_text(ds, rows, 'pr_auc')} | "
+                         f"{auc_text(ds, rows)} | {PAPER_TABLE1.get(pool, '')} |")
     return lines + ["", "\\* the paper's three MA figures (0.03, 0.06, 0.09) are for three α its text does not preserve; "
                     "its best is an MA.", ""]
 
 
 def _table_subsets(ds: Dataset, table: str, kind: str, paper: dict, title: str) -> list[str]:
+    if not ds.select(table, kind):
+        return []
     lines = [f"### {title} ({ds.oracle(kind)})", "",
              "| CTR user | CTR item | CVR user | CVR item | ROC-AUC lift | PR-AUC lift | ROC-AUC | paper ROC / PR lift |",
              "|---|---|---|---|---|---|---|---|"]
@@ -187,8 +315,8 @@ def _table_subsets(ds: Dataset, table: str, kind: str, paper: dict, title: str) 
         if not rows:
             continue
         p = paper[key]
-        lines.append("| " + " | ".join(ticks(key)) + f" | {fmt(ds.lifts(rows, 'roc_auc'), seeds=len(ds.seeds))} | {fmt(ds.lifts(rows, 'pr_auc'), seeds=len(ds.seeds))} | "
-                     f"{_abs([ds.metric(r, 'roc_auc') for r in rows])} | {p[0]} / {p[1]} |")
+        lines.append("| " + " | ".join(ticks(key)) + f" | {lift_text(ds, rows, 'roc_auc')} | {lift_text(ds, rows, 'pr_auc')} | "
+                     f"{auc_text(ds, rows)} | {p[0]} / {p[1]} |")
     return lines + [""]
 
 
@@ -204,15 +332,42 @@ def _projection_rows(ds: Dataset) -> list[tuple[int, list[dict]]]:
 def _appendix_d(ds: Dataset) -> list[str]:
     """AUC side only: the cells train while other work shares the machine, so their examples/s are
     not comparable; the cost side is bench/bench_projection.py's (docs/experiments.md)."""
+    if not _projection_rows(ds):
+        return []
     lines = [f"### Appendix D.1: projection width of the four DERM embeddings → downstream CTR ({ds.oracle('ctr')})", "",
              "| projection | DERM width into the MoE | input width F | ROC-AUC lift | PR-AUC lift | ROC-AUC |",
              "|---|---|---|---|---|---|"]
     for width, rs in _projection_rows(ds):
         derm_width = rs[0].get("derm_width") or (4 * width if width else "4 × (E + 1)")
         lines.append(f"| {'none' if width == 0 else width} | {derm_width} | {rs[0].get('input_width') or '–'} | "
-                     f"{fmt(ds.lifts(rs, 'roc_auc'), seeds=len(ds.seeds))} | {fmt(ds.lifts(rs, 'pr_auc'), seeds=len(ds.seeds))} | "
-                     f"{_abs([ds.metric(r, 'roc_auc') for r in rs])} |")
+                     f"{lift_text(ds, rs, 'roc_auc')} | {lift_text(ds, rs, 'pr_auc')} | {auc_text(ds, rs)} |")
     return lines + ["", "Throughput by width: `bench/bench_projection.py`, figures in [../benchmarks.md](../benchmarks.md#projection-layer-benchbench_projectionpy).", ""]
+
+
+READING = [("ctr", "full_rank", (), "CTR baseline, full-rank crosses", "the baseline"),
+           ("ctr", "full_rank", ALL4, "CTR, all four, full-rank crosses", "the full-rank baseline"),
+           ("ctr", "raw", ALL4, "CTR, all four, not standardized", "the baseline"),
+           ("cvr", "raw", ALL4, "CVR, all four, not standardized", "the baseline")]
+
+
+def _reading(ds: Dataset) -> list[str]:
+    """What the downstream side needs to read the embeddings: each variant's paired lift, beside
+    the default reading (Tables 2 and 4's all-four cells: standardized, rank-16 crosses)."""
+    if not ds.select("reading", "ctr") and not ds.select("reading", "cvr"):
+        return []
+    lines = ["### Reading the embeddings: ablation", "",
+             "| cell | against | ROC-AUC lift | PR-AUC lift | ROC-AUC |", "|---|---|---|---|---|"]
+    for table, kind in (("table2", "ctr"), ("table4", "cvr")):
+        default = ds.select(table, kind, ALL4, projection=32)
+        if default:
+            lines.append(f"| {kind.upper()}, all four (default: standardized, rank-16 crosses) | the baseline | "
+                         f"{lift_text(ds, default, 'roc_auc')} | {lift_text(ds, default, 'pr_auc')} | {auc_text(ds, default)} |")
+    for kind, variant, derm, name, against in READING:
+        rows = [r for r in ds.select("reading", kind, derm) if r.get("variant") == variant]
+        if rows:
+            lines.append(f"| {name} | {against} | {lift_text(ds, rows, 'roc_auc')} | {lift_text(ds, rows, 'pr_auc')} | "
+                         f"{auc_text(ds, rows)} |")
+    return lines + [""]
 
 
 def _slug(name: str) -> str:

@@ -20,6 +20,14 @@ def tiny_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_world_4(tmp_path_factory):
+    """The tiny preset as it is, 4 days (seed 0): enough for a train, a validation and a test day."""
+    root = tmp_path_factory.mktemp("tiny4") / "world"
+    generate(root, PRESETS["tiny"], seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_snapshot(tiny_world, tmp_path_factory):
     """A cvr snapshot of day 1 of the tiny world, trained for a few steps on 2 gloo ranks."""
     from tests.distributed import run_ranks

@@ -39,49 +39,79 @@ def test_lifts_pair_each_cell_with_its_own_seeds_baseline(tmp_path):
     assert "| ✓ | ✗ | ✗ | ✗ | +10.00 ± 0.00 | +10.00 ± 0.00 |" in text and "oracle ROC-AUC 0.8000" in text
 
 
-def test_rows_of_another_upstream_protocol_are_reported_apart(tmp_path):
-    capped = [_row(0, "baseline", "ctr", (), 0.60, 0.10)]  # written before rows carried the cap: the default
-    full = [{**_row(0, "baseline", "ctr", (), 0.62, 0.12), "upstream_steps_per_day": 0, "embed": "back"}]
+def test_rows_of_another_protocol_are_reported_apart(tmp_path):
+    single_day = [_row(0, "baseline", "ctr", (), 0.60, 0.10)]  # written before protocol files: one training day
+    full = [{**_row(0, "baseline", "ctr", (), 0.62, 0.12), "protocol": "small", "upstream_steps_per_day_override": 0}]
     path = tmp_path / "results.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in capped + full))
+    path.write_text("".join(json.dumps(r) + "\n" for r in single_day + full))
     sections = report.load([path])
-    assert list(sections) == ["synthetic small world",
-                              "synthetic small world, upstream on full days, back-inferred embeddings"]
+    assert list(sections) == ["synthetic small world, one downstream training day (before protocol files)",
+                              "synthetic small world, upstream on full days"]
     assert [r["metrics"]["click"]["roc_auc"] for rows in sections.values() for r in rows] == [0.60, 0.62]
-    assert lift.protocol("small", [f"2026-01-0{i}" for i in range(1, 8)], 0).upstream_overrides["train"]["max_steps_per_day"] == 0
+    days = [f"2026-01-0{i}" for i in range(1, 8)]
+    assert lift.protocol("small", days, 8).upstream_overrides["train"]["max_steps_per_day"] == 8
+
+
+def test_too_few_positives_are_reported_as_such_and_left_out_of_lifts(tmp_path):
+    rows = [_row(s, "baseline", "ctr", (), 0.60, 0.10) for s in (0, 1)]
+    rows += [_row(0, "table2", "ctr", ("ctr_user",), 0.66, 0.11), _row(1, "table2", "ctr", ("ctr_user",), 0.90, 0.5)]
+    for r in rows:
+        r.update(min_positives=100)
+        r["metrics"]["click"]["positives"] = 40 if (r["seed"], r["table"]) == (1, "table2") else 500
+    ds = report.Dataset("small", rows)
+    cell = ds.select("table2", "ctr", ("ctr_user",))
+    assert ds.lifts(cell, "roc_auc") == pytest.approx([10.0])  # seed 1: 40 positives, no lift
+    assert ds.too_few(cell[1]) == 40 and ds.too_few(cell[0]) is None
+    assert ds.gap_closed(cell) == pytest.approx([30.0])  # (0.66 - 0.60) / (0.80 - 0.60)
+    assert "too few positives (40)" in "\n".join(report._table_subsets(ds, "table2", "ctr", report.PAPER_TABLE2, "Table 2"))
 
 
 def test_every_paper_cell_is_planned_once():
     cells = lift.cells()
     names = [c.name for c in cells]
-    assert len(names) == len(set(names)) == 20
+    assert len(names) == len(set(names)) == 27
     assert [c.table for c in cells[:2]] == ["baseline", "baseline"]
     assert {c.derm for c in cells if c.table == "table2"} == set(report.PAPER_TABLE2)
     assert {c.derm for c in cells if c.table == "table4"} == set(report.PAPER_TABLE4)
     assert sorted(c.pool for c in cells if c.table == "table1") == sorted(lift.TABLE1_POOLS)
+    assert all(c.similarity for c in cells if c.table == "similarity") and not any(c.similarity for c in cells if c.table != "similarity")
 
 
-def test_protocols_never_evaluate_on_a_trained_or_unpublished_day():
+def test_validation_and_test_days_are_kept_apart_and_read_published_versions(tmp_path):
     days = [f"2026-01-0{i}" for i in range(1, 8)]
     p = lift.protocol("small", days)
-    assert p.eval_days == ["2026-01-07"] and p.train_days == ["2026-01-06"] and p.upstream_days == days[:-1]
+    assert p.train_days == days[1:5] and p.validation_days == ["2026-01-06"] and p.test_days == ["2026-01-07"]
+    assert p.upstream_days == p.embed_days == days[:-1]
     ml_days = [f"1998-03-{i:02d}" for i in range(1, 32)] + [f"1998-04-{i:02d}" for i in range(1, 23)]
-    p = lift.protocol("movielens", ml_days)
-    assert not set(p.train_days) & set(p.eval_days) and max(p.train_days) < min(p.eval_days)
-    previous = {d: ml_days[ml_days.index(d) - 1] for d in p.train_days + p.eval_days}
-    assert set(previous.values()) <= set(p.embed_days)  # every row's day d - 1 has a published version
-    assert set(p.embed_days) <= set(p.upstream_days)  # embedded right after the upstream trained that day
+    for name, all_days in (("small", days), ("movielens", ml_days)):
+        p = lift.protocol(name, all_days)
+        assert max(p.train_days) < min(p.validation_days) and max(p.validation_days) < min(p.test_days)
+        previous = {d: all_days[all_days.index(d) - 1] for d in p.train_days + p.validation_days + p.test_days}
+        assert set(previous.values()) <= set(p.embed_days)  # every row's day d - 1 has a published version
+        assert set(p.embed_days) <= set(p.upstream_days)  # embedded right after the upstream trained that day
+    bad = tmp_path / "bad.toml"
+    bad.write_text((lift.PROTOCOLS / "small.toml").read_text().replace('validation = "-2:-1"', 'validation = "-3:-1"'))
+    with pytest.raises(ValueError, match="train days must precede validation days"):
+        lift.load_protocol(bad, days)
+    bad.write_text((lift.PROTOCOLS / "small.toml").read_text().replace('train = "1:-2"', 'train = "one"'))
+    with pytest.raises(ValueError, match="'one' is not a slice"):
+        lift.load_protocol(bad, days)
 
 
 @pytest.mark.slow
-def test_smoke_run_on_the_tiny_world_resumes_and_reports(tiny_world, tmp_path):
+def test_smoke_run_on_the_tiny_world_resumes_and_reports(tiny_world_4, tmp_path):
     out = tmp_path / "lift"
-    cmd = [sys.executable, "experiments/lift.py", "--dataset", "tiny", "--data", str(tiny_world), "--seeds", "0",
+    cmd = [sys.executable, "experiments/lift.py", "--dataset", "tiny", "--data", str(tiny_world_4), "--seeds", "0",
            "--out", str(out), "--cells", "baseline,appendix_d"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["table"] for r in rows] == ["baseline"] * 2 + ["appendix_d"] * 4
     assert all(0.0 <= next(iter(r["metrics"].values()))["roc_auc"] <= 1.0 for r in rows)
+    # train on day 2, choose on day 3, report day 4; the learning curve has a point per training day
+    assert {(tuple(r["train_days"]), tuple(r["validation_days"]), tuple(r["test_days"])) for r in rows} == {
+        (("2026-01-02",), ("2026-01-03",), ("2026-01-04",))}
+    assert all(len(r["curve"]) == 1 and r["train_examples"] > 0 for r in rows)
+    assert rows[0]["coverage"] is None and 0.5 < rows[2]["coverage"]["test"]["ctr_user"] <= 1.0
     width = {r["projection_dim"]: r["input_width"] for r in rows if r["table"] == "appendix_d"}
     # the MoE's input width F grows by 4 x the projection width (none: 4 x (64 + 1) unprojected)
     assert {p: width[p] - width[8] for p in (0, 16, 64)} == {0: 4 * 65 - 32, 16: 32, 64: 4 * 56}
@@ -95,21 +125,24 @@ def test_smoke_run_on_the_tiny_world_resumes_and_reports(tiny_world, tmp_path):
                    cwd=REPO, check=True, capture_output=True, timeout=300)
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "### Appendix D.1" in text and "| none | 260 |" in text  # 4 x (64 + 1) unprojected
+    assert "### Learning curve" in text
     assert (tmp_path / "rep" / "synthetic-tiny-world-projection.png").stat().st_size > 10_000
 
-    days = sorted(p.name[4:] for p in (tiny_world / "ctr").glob("day=*"))
-    probe = subprocess.run([sys.executable, "experiments/probe.py", "--data", str(tiny_world), "--stores",
+    days = sorted(p.name[4:] for p in (tiny_world_4 / "ctr").glob("day=*"))
+    probe = subprocess.run([sys.executable, "experiments/probe.py", "--data", str(tiny_world_4), "--stores",
                             str(out / "seed=0" / "store" / "ma0.9"), "--day", days[-2]],
                            cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
     assert "| ctr_user · ctr_pin |" in probe.stdout and f"alone on {days[-1]}: 0." in probe.stdout
 
 
-def test_a_seed_folder_made_under_another_protocol_is_refused(tiny_world, tmp_path):
+def test_a_seed_folder_made_under_another_protocol_is_refused(tiny_world_4, tmp_path):
+    exp = lift.Experiment("tiny", tiny_world_4, tmp_path, 0, ctx=None)
     (tmp_path / "seed=0").mkdir()
-    (tmp_path / "seed=0" / "upstream.json").write_text(json.dumps({"upstream_steps_per_day": 0, "embed": "back"}))
-    with pytest.raises(SystemExit, match="--upstream-steps-per-day 0 --embed back, not 8 and daily"):
-        lift.Experiment("tiny", tiny_world, tmp_path, 0, ctx=None)
-    lift.Experiment("tiny", tiny_world, tmp_path, 0, ctx=None, upstream_steps_per_day=0, embed="back")  # the same: fine
+    (tmp_path / "seed=0" / "upstream.json").write_text(json.dumps({**exp.upstream_settings(), "upstream_steps_per_day": 0,
+                                                                   "embed": "back"}))
+    with pytest.raises(SystemExit, match=r"other settings \(embed, upstream_steps_per_day: \['back', 0\], not \['daily', 8\]\)"):
+        lift.Experiment("tiny", tiny_world_4, tmp_path, 0, ctx=None)
+    lift.Experiment("tiny", tiny_world_4, tmp_path, 0, ctx=None, upstream_steps_per_day=0, embed="back")  # the same: fine
 
 
 def test_rank_auc_is_the_mann_whitney_statistic():
