@@ -89,6 +89,12 @@ PRESETS: dict[str, WorldConfig] = {
         ctr_events_per_day=4_000, cvr_events_per_day=2_000, days=4, seq_len=16, conv_seq_len=8,
         chunk_rows=2_048,
     ),
+    # `make demo`: big enough that a day trains the downstream baselines well above chance, small
+    # enough that the whole daily pipeline runs in minutes on 2 cores.
+    "demo": WorldConfig(
+        n_users=3_000, n_pins=600, n_advertisers=30, n_campaigns=100, n_categories=8,
+        ctr_events_per_day=50_000, cvr_events_per_day=20_000, days=5, seq_len=16, conv_seq_len=8,
+    ),
     # Experiments and the training benchmark.
     "small": WorldConfig(
         n_users=20_000, n_pins=5_000, n_advertisers=200, n_campaigns=1_000, n_categories=32,
