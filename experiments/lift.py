@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", required=True, help="output folder (results.jsonl, seed=S/...)")
     p.add_argument("--cells", default="",
-                   help="comma-separated tables to run (baseline,table1,table2,table4,appendix_d,reading,similarity); default all")
+                   help="comma-separated tables (baseline,table1,table2,table4,appendix_d,reading,similarity) or cell names "
+                        "(as results.jsonl has them) to run; default all")
     p.add_argument("--upstream-steps-per-day", type=int, default=None, metavar="N",
                    help="cap on upstream steps per day, 0: full passes (default: the protocol's)")
     p.add_argument("--embed", choices=EMBED_MODES, default="daily",
@@ -469,11 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    tables = set(args.cells.split(",")) if args.cells else None
-    unknown = sorted(tables - {c.table for c in cells()}) if tables else []
+    wanted = set(args.cells.split(",")) if args.cells else None
+    unknown = sorted(wanted - {c.table for c in cells()} - {c.name for c in cells()}) if wanted else []
     if unknown:
-        p.error(f"--cells: unknown table(s) {unknown}")
-    todo = [c for c in cells() if tables is None or c.table in tables]
+        p.error(f"--cells: {unknown} name no table and no cell")
+    todo = [c for c in cells() if wanted is None or c.table in wanted or c.name in wanted]
     ctx = init_distributed("cpu")
     if ctx.world_size != 1:  # every rank would append the same cells and remove the others' folders
         raise SystemExit("experiments/lift.py runs as one process (its models are small); start it with python, not torchrun")

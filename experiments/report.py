@@ -187,7 +187,11 @@ def report(datasets: dict[str, Dataset], out: Path) -> str:
         lines += _appendix_d(ds) + _reading(ds)
         _plots(ds, out)
         slug = _slug(ds.name)
-        lines += [f"![lifts on {ds.name}]({slug}-lifts.png)", "", f"![projection width on {ds.name}]({slug}-projection.png)", ""]
+        lines += [f"![lifts on {ds.name}]({slug}-lifts.png)", ""]
+        if _projection_rows(ds):
+            lines += [f"![projection width on {ds.name}]({slug}-projection.png)", ""]
+        if _curve_series(ds):
+            lines += [f"![learning curves on {ds.name}]({slug}-curve.png)", ""]
     return "\n".join(lines)
 
 
@@ -262,12 +266,18 @@ def _coverage(rows: list[dict]) -> str:
     return ", ".join(f"{k} {statistics.mean(v):.0%}" for k, v in shares.items()) or "–"
 
 
-def _curve(ds: Dataset) -> list[str]:
-    """Validation ROC-AUC after each downstream training day: has the baseline converged?"""
+def _curve_series(ds: Dataset) -> list[tuple[str, list[dict]]]:
+    """(name, rows) of every model whose learning curve the report shows: the baselines and the
+    headline cells."""
     series = [("baseline", kind, (), f"{kind} baseline") for kind in ("ctr", "cvr")]
     series += [(t, k, d, n) for t, k, d, n in HEADLINE if t != "table2" or d == ALL4]
     cols = [(n, ds.select(t, k, d, projection=32 if t != "baseline" else None)) for t, k, d, n in series]
-    cols = [(n, rs) for n, rs in cols if rs and rs[0].get("curve")]
+    return [(n, rs) for n, rs in cols if rs and rs[0].get("curve")]
+
+
+def _curve(ds: Dataset) -> list[str]:
+    """Validation ROC-AUC after each downstream training day: has the baseline converged?"""
+    cols = _curve_series(ds)
     if not cols:
         return []
     lines = ["### Learning curve: validation ROC-AUC after each downstream training day", "",
@@ -399,6 +409,7 @@ def _plots(ds: Dataset, out: Path) -> None:
     fig.savefig(out / f"{_slug(ds.name)}-lifts.png", dpi=110)
     plt.close(fig)
 
+    _curve_plot(ds, out, plt)
     rows = _projection_rows(ds)
     if not rows:
         return
@@ -413,6 +424,31 @@ def _plots(ds: Dataset, out: Path) -> None:
     ax.set_title(f"{ds.name}: Appendix D.1, projection layer")
     fig.tight_layout()
     fig.savefig(out / f"{_slug(ds.name)}-projection.png", dpi=110)
+    plt.close(fig)
+
+
+def _curve_plot(ds: Dataset, out: Path, plt) -> None:
+    """Validation ROC-AUC after each training day, CTR and CVR side by side, mean ± std over seeds."""
+    cols = _curve_series(ds)
+    if not cols:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, kind in zip(axes, ("ctr", "cvr")):
+        for name, rs in cols:
+            if rs[0]["kind"] != kind:
+                continue
+            label = ds.label[kind]
+            points = [[r["curve"][i]["validation"][label] for r in rs if len(r["curve"]) > i] for i in range(len(rs[0]["curve"]))]
+            xs = [p["examples"] for p in rs[0]["curve"]]
+            ms = [mean_std(p) for p in points]
+            ax.errorbar(xs, [m for m, _ in ms], yerr=[sd for _, sd in ms], marker="o", capsize=3, label=name)
+        ax.set_xlabel("examples trained on")
+        ax.set_ylabel(f"validation ROC-AUC ({ds.label.get(kind)})")
+        ax.set_title(f"downstream {kind.upper()}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{ds.name}: learning curves on the validation days (mean ± std over {len(ds.seeds)} seeds)")
+    fig.tight_layout()
+    fig.savefig(out / f"{_slug(ds.name)}-curve.png", dpi=110)
     plt.close(fig)
 
 
