@@ -188,7 +188,7 @@ def report(datasets: dict[str, Dataset], out: Path) -> str:
         _plots(ds, out)
         slug = _slug(ds.name)
         lines += [f"![lifts on {ds.name}]({slug}-lifts.png)", ""]
-        if _projection_rows(ds):
+        if len(_projection_rows(ds)) > 1:
             lines += [f"![projection width on {ds.name}]({slug}-projection.png)", ""]
         if _curve_series(ds):
             lines += [f"![learning curves on {ds.name}]({slug}-curve.png)", ""]
@@ -342,7 +342,7 @@ def _projection_rows(ds: Dataset) -> list[tuple[int, list[dict]]]:
 def _appendix_d(ds: Dataset) -> list[str]:
     """AUC side only: the cells train while other work shares the machine, so their examples/s are
     not comparable; the cost side is bench/bench_projection.py's (docs/experiments.md)."""
-    if not _projection_rows(ds):
+    if len(_projection_rows(ds)) < 2:  # only Table 2's default width: nothing to compare
         return []
     lines = [f"### Appendix D.1: projection width of the four DERM embeddings → downstream CTR ({ds.oracle('ctr')})", "",
              "| projection | DERM width into the MoE | input width F | ROC-AUC lift | PR-AUC lift | ROC-AUC |",
@@ -411,7 +411,7 @@ def _plots(ds: Dataset, out: Path) -> None:
 
     _curve_plot(ds, out, plt)
     rows = _projection_rows(ds)
-    if not rows:
+    if len(rows) < 2:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     xs = list(range(len(rows)))
