@@ -190,3 +190,12 @@ def test_local_jobs_side_by_side_share_the_cores(monkeypatch):
     assert Pipeline(PipelineConfig(max_parallel=2, j="1x2"))._resources()["env"] == {"DERM_THREADS": "2"}
     assert Pipeline(PipelineConfig(max_parallel=16)).threads_per_rank() == 1
     assert "env" not in Pipeline(PipelineConfig(scheduler="kubernetes"))._resources()  # a cluster job owns its cpu
+
+
+def test_a_work_folder_from_before_a_new_setting_continues_at_its_default(tmp_path):
+    config = PipelineConfig(work=str(tmp_path))
+    old = {k: v for k, v in Pipeline(config).settings().items() if k not in ("sources", "seed")}
+    (tmp_path / "pipeline.json").write_text(json.dumps(old))
+    Pipeline(config)._check_settings()  # sources and seed at their defaults: the same settings
+    with pytest.raises(ValueError, match=r"made with other settings \(seed differ"):
+        Pipeline(PipelineConfig(work=str(tmp_path), seed=1))._check_settings()

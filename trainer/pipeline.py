@@ -349,11 +349,12 @@ class Pipeline:
 
     def _check_settings(self) -> None:
         """Refuses to continue a work folder made with other settings: its finished steps would be
-        skipped and reported under settings they were not made with."""
+        skipped and reported under settings they were not made with. A setting newer than the
+        folder counts as made with its default."""
         path, now = self.work / "pipeline.json", self.settings()
         if path.is_file():
-            saved = json.loads(path.read_text())
-            differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            saved, defaults = json.loads(path.read_text()), Pipeline(PipelineConfig()).settings()
+            differ = sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
             if differ:
                 raise ValueError(f"{self.work} was made with other settings ({', '.join(differ)} differ; see {path}); "
                                  "use another work folder, or remove this one to start over")
