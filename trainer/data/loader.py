@@ -61,6 +61,33 @@ def shard_range(num_rows: int, shard: int, num_shards: int) -> tuple[int, int]:
     return shard * num_rows // num_shards, (shard + 1) * num_rows // num_shards
 
 
+def _check_day(meta: pq.ParquetFile, path: Path, day: str, time_column: str) -> None:
+    """Refuses a file of partition ``day`` whose event times (its footer's row-group statistics;
+    no data is read) fall outside that UTC day. The contract's days are UTC days: a row of day d
+    reads the embeddings published for d − 1 by its UTC event time, so partitions cut in another
+    time zone would silently pair rows with the wrong versions."""
+    start = int(dt.datetime.fromisoformat(day).replace(tzinfo=dt.timezone.utc).timestamp())
+    column = meta.schema_arrow.get_field_index(time_column)
+    if column < 0:
+        return  # check_schema has already named a missing column
+    for i in range(meta.metadata.num_row_groups):
+        stats = meta.metadata.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            continue
+        lo, hi = int(stats.min), int(stats.max)
+        if lo < start or hi >= start + 86_400:
+            def utc(t: int) -> str:
+                try:
+                    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+                except (ValueError, OverflowError, OSError):  # far outside any calendar: not seconds
+                    return f"{t} s"
+
+            raise DataError(
+                f"{path}: {time_column} spans {utc(lo)} .. {utc(hi)} UTC, outside its partition's day {day} (UTC); "
+                "day partitions are UTC days of the event time: re-partition by the UTC day "
+                "(event_time // 86400), or fix the times' unit (seconds since the epoch)")
+
+
 @dataclass(frozen=True)
 class _File:
     path: Path
@@ -110,6 +137,7 @@ class EventLog:
                 except (pa.ArrowException, OSError) as e:
                     raise DataError(f"{path}: unreadable Parquet file ({e})") from None
                 self.reader.check_schema(schema, str(path))
+                _check_day(meta, path, day, self.spec.keys.time)
                 if rows:
                     self.files.append(_File(path, day, total, rows))
                 total += rows
