@@ -28,15 +28,6 @@ def four_days(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def in_repo(monkeypatch):
-    """local_cwd runs the job scripts relative to the working directory: the repository root, with
-    the venv's torchrun first on PATH."""
-    import sys
-
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-
 
 def _config(data, work, **kw) -> PipelineConfig:
     settings = dict(synthetic_preset="", baseline=False, ann=True, upstream_overrides=FAST, downstream_overrides=FAST)
