@@ -5,7 +5,6 @@ naming the day, the step and the job's log; and the plan refuses what it cannot 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
