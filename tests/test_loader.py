@@ -245,6 +245,23 @@ def test_a_partition_cut_in_another_time_zone_is_refused(tmp_path):
         EventLog(_dataset(tmp_path / "ms", millis), "ctr")
 
 
+def test_writer_leftovers_are_not_data_and_id_types_must_agree(tmp_path):
+    root = _dataset(tmp_path)
+    day = root / "ctr" / "day=2026-01-01"
+    for name in (".part-00002.parquet", "_tmp-00001.parquet"):  # a Spark / Hadoop writer's leftovers
+        pq.write_table(_rows(), day / name)
+    (day / "_SUCCESS").write_text("")
+    assert EventLog(root, "ctr").num_rows == 3
+    write_part(_rows(user_id=pa.array([1, 2, 3], pa.int32())), root, "ctr", "2026-01-01", 1)
+    with pytest.raises(DataError, match=r"part-00001.parquet: column 'user_id' has type int32, but .*part-00000.parquet has it as int64"):
+        EventLog(root, "ctr")
+
+
+def test_uint64_ids_beyond_int64_are_refused(tmp_path):
+    message = _error(tmp_path, _rows(pin_id=pa.array([3, 2 ** 63 + 5, 1], pa.uint64())))
+    assert "column 'pin_id' (Pin key) has an id >= 2^63 at row 1, beyond int64" in message
+
+
 def test_corrupt_data_pages_are_reported_with_the_file(tmp_path):
     root = _dataset(tmp_path)
     path = root / "ctr" / "day=2026-01-01" / "part-00000.parquet"

@@ -121,12 +121,14 @@ class EventLog:
             raise DataError(f"{src}: no day partitions ({prefix}YYYY-MM-DD directories)")
         self.days = chosen
         self.files: list[_File] = []
+        first_types: dict[str, tuple[pa.DataType, Path]] = {}
         total = 0
         for day in chosen:
             d = src / f"{prefix}{day}"
             if not d.is_dir():
                 raise DataError(f"{d}: no such day partition; available days: {_summarise(available)}")
-            paths = sorted(d.glob("*.parquet"))
+            # Spark and Hadoop writers leave _SUCCESS, _temporary-*, .crc and .part-* beside the data.
+            paths = sorted(p for p in d.glob("*.parquet") if not p.name.startswith(("_", ".")))
             if not paths:
                 raise DataError(f"{d}: empty partition (no .parquet files)")
             day_rows = 0
@@ -137,6 +139,7 @@ class EventLog:
                 except (pa.ArrowException, OSError) as e:
                     raise DataError(f"{path}: unreadable Parquet file ({e})") from None
                 self.reader.check_schema(schema, str(path))
+                self._check_same_types(schema, path, first_types)
                 _check_day(meta, path, day, self.spec.keys.time)
                 if rows:
                     self.files.append(_File(path, day, total, rows))
@@ -145,6 +148,15 @@ class EventLog:
             if day_rows == 0:
                 raise DataError(f"{d}: empty partition (its files hold no rows)")
         self.num_rows = total
+
+    def _check_same_types(self, schema: pa.Schema, path: Path, first: dict[str, tuple[pa.DataType, Path]]) -> None:
+        """Every file holds each needed column in one type (batches concatenate rows across files)."""
+        for column in self.reader.needs:
+            t = schema.field(column).type
+            seen = first.setdefault(column, (t, path))
+            if seen[0] != t:
+                raise DataError(f"{path}: column '{column}' has type {t}, but {seen[1]} has it as {seen[0]}; "
+                                "write every file of a source with the same column types")
 
     def read(self, start: int, stop: int) -> Iterator[pa.Table]:
         """Checked tables covering rows ``[start, stop)`` in order, each at most ``READ_ROWS``."""
