@@ -134,8 +134,9 @@ def load_rng_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise SnapshotError(f"{path}: not a plain RNG state (refusing to unpickle anything else): "
-                            f"{str(e).splitlines()[0]}") from None
+        raise SnapshotError(f"{path}: not a plain RNG state (refusing to unpickle anything else: "
+                            f"{str(e).splitlines()[0]}). A snapshot saved before 2026-12-01 holds numpy's state as an "
+                            "array: delete its rng-rank*.pt files to load it without restoring the RNGs") from None
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
