@@ -5,7 +5,8 @@ A snapshot is a directory::
     SNAP/.metadata, SNAP/*.distcp    model (sharded tables, dense parts, the loss's frequency
                                      estimator buffers) and optimizer state (fused and dense)
     SNAP/meta.json                   trainer state (day, steps, data position), spec and model config
-    SNAP/rng-rank<r>.pt              each rank's RNG states (restored when the world size matches)
+    SNAP/rng-rank<r>.pt              each rank's RNG states as tensors (restored when the world size
+                                     matches; loaded with ``weights_only=True``: no code runs)
 
 Every rank writes its own shards; nothing is gathered to rank 0. Snapshots are written under a
 hidden staging name and renamed into place by rank 0 once every rank has finished, so a crash
@@ -90,7 +91,7 @@ def load_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimize
     optimizer.load_state_dict(state["optim"])
     rng = Path(path) / f"rng-rank{dist.get_rank()}.pt"
     if meta.get("world_size") == dist.get_world_size() and rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(load_rng_state(rng))
     return meta
 
 
@@ -115,13 +116,33 @@ def _init_optimizer_state(optimizer: Optimizer) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG's state as tensors and plain numbers only, so that it loads with
+    ``weights_only=True`` (numpy's state holds an ndarray, which would need full unpickling)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def load_rng_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A rank's RNG states, unpickled with ``weights_only=True``: tensors and plain containers only,
+    so a crafted file in a snapshot directory cannot run code (it is refused instead)."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SnapshotError(f"{path}: not a plain RNG state (refusing to unpickle anything else: "
+                            f"{str(e).splitlines()[0]}). A snapshot saved before 2026-12-01 holds numpy's state as an "
+                            "array: delete its rng-rank*.pt files to load it without restoring the RNGs") from None
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

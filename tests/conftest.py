@@ -36,3 +36,15 @@ def tiny_snapshot(tiny_world, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("snap") / "cvr"
     run_ranks(_two_rank_train_day, 2, str(tiny_world), str(run_dir), timeout=600)
     return run_dir / "snapshots" / "day=2026-01-01"
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    """local_cwd runs the job scripts relative to the working directory: the repository root, with
+    the venv's torchrun first on PATH."""
+    import os
+    import sys
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

@@ -40,11 +40,14 @@ SPEC = FeatureSpec(
 )
 
 
+DAY0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
+
+
 def _rows(**changes) -> pa.Table:
     cols = {
         "user_id": pa.array([1, 2, 99], pa.int64()),
         "pin_id": pa.array([3, 7, 12345], pa.int64()),
-        "event_time": pa.array([100, 200, 300], pa.int64()),
+        "event_time": pa.array([DAY0 + 100, DAY0 + 200, DAY0 + 300], pa.int64()),
         "user_interests": pa.array([[0, 2], [], [4]], pa.list_(pa.int64())),
         "seq_pin_ids": pa.array([[5, 6, 7], [], [9]], pa.list_(pa.int64())),
         "seq_action": pa.array([[1, 2, 1], [], [3]], pa.list_(pa.int32())),
@@ -88,7 +91,7 @@ def test_batches_match_a_hand_built_example(tmp_path):
     torch.testing.assert_close(first.dense["pin_vec"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     assert first.labels.tolist() == [[1.0, 0.0], [0.0, 0.0]]
     assert first.oracle[:, 0].tolist() == pytest.approx([0.9, 0.1]) and torch.isnan(first.oracle[:, 1]).all()
-    assert first.user_id.tolist() == [1, 2] and first.event_time.tolist() == [100, 200]
+    assert first.user_id.tolist() == [1, 2] and first.event_time.tolist() == [DAY0 + 100, DAY0 + 200]
 
     # The last, partial batch; Pin 12345 lies outside its 10-row table and is hashed into it,
     # while the raw key stays available for publishing.
@@ -228,6 +231,35 @@ def test_bad_partitions_and_files(tmp_path):
     with pytest.raises(DataError, match=f"{bad}: unreadable Parquet file"):
         EventLog(root, "ctr")
     assert EventLog(root, "ctr", days=["2026-01-01"]).num_rows == 3  # the good day still reads
+
+
+def test_a_partition_cut_in_another_time_zone_is_refused(tmp_path):
+    # 2026-01-01 in UTC-8: its evening is 2026-01-02 in UTC, where the DERM join would look
+    late = _rows(event_time=pa.array([DAY0 + 8 * 3600, DAY0 + 20 * 3600, DAY0 + 31 * 3600], pa.int64()))
+    root = _dataset(tmp_path, late)
+    with pytest.raises(DataError, match=r"part-00000.parquet: event_time spans 2026-01-01 08:00:00 .. 2026-01-02 07:00:00 UTC, "
+                                        r"outside its partition's day 2026-01-01 \(UTC\)"):
+        EventLog(root, "ctr")
+    millis = _rows(event_time=pa.array([(DAY0 + 1) * 1000] * 3, pa.int64()))  # milliseconds, not seconds
+    with pytest.raises(DataError, match="fix the times' unit"):
+        EventLog(_dataset(tmp_path / "ms", millis), "ctr")
+
+
+def test_writer_leftovers_are_not_data_and_id_types_must_agree(tmp_path):
+    root = _dataset(tmp_path)
+    day = root / "ctr" / "day=2026-01-01"
+    for name in (".part-00002.parquet", "_tmp-00001.parquet"):  # a Spark / Hadoop writer's leftovers
+        pq.write_table(_rows(), day / name)
+    (day / "_SUCCESS").write_text("")
+    assert EventLog(root, "ctr").num_rows == 3
+    write_part(_rows(user_id=pa.array([1, 2, 3], pa.int32())), root, "ctr", "2026-01-01", 1)
+    with pytest.raises(DataError, match=r"part-00001.parquet: column 'user_id' has type int32, but .*part-00000.parquet has it as int64"):
+        EventLog(root, "ctr")
+
+
+def test_uint64_ids_beyond_int64_are_refused(tmp_path):
+    message = _error(tmp_path, _rows(pin_id=pa.array([3, 2 ** 63 + 5, 1], pa.uint64())))
+    assert "column 'pin_id' (Pin key) has an id >= 2^63 at row 1, beyond int64" in message
 
 
 def test_corrupt_data_pages_are_reported_with_the_file(tmp_path):

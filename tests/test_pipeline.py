@@ -5,13 +5,13 @@ naming the day, the step and the job's log; and the plan refuses what it cannot 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from embeddings.store import EmbeddedStore
 from trainer.data.synthetic import PRESETS, generate
+from trainer.data.spec import load_spec
 from trainer.pipeline import Pipeline, PipelineConfig, PipelineError, quality_table, results_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,15 +26,6 @@ def four_days(tmp_path_factory):
     generate(root, PRESETS["tiny"], seed=0)
     return root
 
-
-@pytest.fixture
-def in_repo(monkeypatch):
-    """local_cwd runs the job scripts relative to the working directory: the repository root, with
-    the venv's torchrun first on PATH."""
-    import sys
-
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
 def _config(data, work, **kw) -> PipelineConfig:
@@ -104,8 +95,33 @@ def test_plan_refuses_days_without_a_next_day_and_missing_sources(four_days, tin
     assert days == ["2026-01-01", "2026-01-02"] and eval_days["2026-01-02"] == "2026-01-03"
     with pytest.raises(ValueError, match="method must be acc, ma or ap"):
         PipelineConfig(method="median")
-    with pytest.raises(ValueError, match=r"derm: unknown embedding\(s\) \['ads_user'\]"):
-        PipelineConfig(derm=("ads_user",))
+    with pytest.raises(ValueError, match=r"derm: \['adsuser'\] not of the form"):
+        PipelineConfig(derm=("adsuser",))
+    with pytest.raises(ValueError, match=r"derm \['ads_user'\]: no source of that name runs"):
+        Pipeline(_config(four_days, tmp_path, derm=("ads_user",))).days()
+    with pytest.raises(ValueError, match=r"derm \['cvr_user'\]: no source of that name runs.*\['ctr'\]"):
+        Pipeline(_config(four_days, tmp_path, sources=("ctr",), derm=("cvr_user",))).days()
+    with pytest.raises(ValueError, match=r"sources \['ads'\]: not sources of"):
+        Pipeline(_config(four_days, tmp_path, sources=("ads",))).days()
+    assert Pipeline(_config(four_days, tmp_path, sources=("ctr",))).derm() == ["ctr_user", "ctr_pin"]
+    assert Pipeline(_config(four_days, tmp_path)).derm() == ["ctr_user", "ctr_pin", "cvr_user", "cvr_pin"]
+
+
+@pytest.mark.slow
+def test_a_click_only_log_runs_end_to_end(four_days, tmp_path, in_repo):
+    """A spec with one source, as a click log alone is: one upstream model, its two embeddings,
+    one downstream model and its baseline."""
+    root, work = tmp_path / "clicks", tmp_path / "work"
+    root.mkdir()
+    (root / "ctr").symlink_to(four_days / "ctr", target_is_directory=True)
+    load_spec(four_days / "spec.toml").for_source("ctr").dump(root / "spec.toml")
+    results = Pipeline(_config(root, work, days=tuple(DAYS[:2]), baseline=True)).run()
+    assert results["sources"] == ["ctr"] and results["derm"] == ["ctr_user", "ctr_pin"]
+    assert len(results["jobs_submitted"]) == 2 + 4  # day 1: upstream, lifecycle; day 2: + DERM and baseline models
+    assert {(r["model"], r["kind"], r["day"]) for r in results["rows"]} == {("ctr", "ctr", DAYS[1])}
+    assert all(set(r["coverage"]) == {"ctr_user", "ctr_pin"} and r["baseline_roc_auc"] is not None for r in results["rows"])
+    assert [q["embedding"] for q in results["embedding_quality"]] == ["ctr_user", "ctr_pin"] * 2
+    assert not (work / "upstream" / "cvr").exists()
 
 
 def _write(path: Path, value: dict) -> None:
@@ -113,8 +129,8 @@ def _write(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value))
 
 
-def test_results_table_shows_lift_against_the_baseline(tmp_path):
-    pipeline = Pipeline(PipelineConfig(work=str(tmp_path), min_positives=100))
+def test_results_table_shows_lift_against_the_baseline(tiny_world, tmp_path):
+    pipeline = Pipeline(PipelineConfig(data=str(tiny_world), work=str(tmp_path), min_positives=100))
     for kind, label, positives in (("ctr", "click", 150), ("cvr", "conversion", 99)):
         for with_derm, auc in ((True, 0.66), (False, 0.60)):
             _write(pipeline.run_dir(kind, with_derm) / "summaries" / "2026-01-01.json",
@@ -164,3 +180,12 @@ def test_local_jobs_side_by_side_share_the_cores(monkeypatch):
     assert Pipeline(PipelineConfig(max_parallel=2, j="1x2"))._resources()["env"] == {"DERM_THREADS": "2"}
     assert Pipeline(PipelineConfig(max_parallel=16)).threads_per_rank() == 1
     assert "env" not in Pipeline(PipelineConfig(scheduler="kubernetes"))._resources()  # a cluster job owns its cpu
+
+
+def test_a_work_folder_from_before_a_new_setting_continues_at_its_default(tmp_path):
+    config = PipelineConfig(work=str(tmp_path))
+    old = {k: v for k, v in Pipeline(config).settings().items() if k not in ("sources", "seed")}
+    (tmp_path / "pipeline.json").write_text(json.dumps(old))
+    Pipeline(config)._check_settings()  # sources and seed at their defaults: the same settings
+    with pytest.raises(ValueError, match=r"made with other settings \(seed differ"):
+        Pipeline(PipelineConfig(work=str(tmp_path), seed=1))._check_settings()

@@ -227,3 +227,19 @@ def _two_rank_train_day(rank: int, world_size: int, root: str, run_dir: str) -> 
 
     ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
     run(_config(root, run_dir, days=(D1,), eval_day="none", max_steps_per_day=4), ctx)
+
+
+def test_summary_table_shows_no_oracle_column_on_real_data():
+    from types import SimpleNamespace
+
+    from trainer.main import _summary_table
+
+    summary = {"model": "downstream ctr", "source": "ctr", "mode": "initial", "world_size": 1, "eval_day": "2026-01-02",
+               "days": [{"day": "2026-01-01", "steps": 3, "examples": 300, "seconds": 1.0}], "snapshot": "s",
+               "eval": {"click": {"roc_auc": 0.6, "pr_auc": 0.1, "ne": 0.99, "calibration": 1.0, "positives": 42}},
+               "coverage": {"ctr_user": 0.11}}
+    config = SimpleNamespace(train=SimpleNamespace(run_dir="r"))
+    text = _summary_table(summary, config)
+    assert "nan" not in text and "oracle" not in text and "42" in text and "ctr_user 11.0%" in text
+    summary["eval"]["click"]["oracle_roc_auc"] = 0.8
+    assert "oracle AUC" in _summary_table(summary, config) and "0.8000" in _summary_table(summary, config)

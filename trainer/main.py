@@ -109,10 +109,14 @@ def _summary_table(summary: dict, config) -> str:
         f"({summary['world_size']} rank(s)): {steps} steps, {rate:,.0f} examples/s",
     ]
     if "eval" in summary:
-        lines.append(f"{'eval ' + summary['eval_day']:<22}{'ROC-AUC':>9}{'PR-AUC':>9}{'NE':>8}{'calib':>8}{'oracle AUC':>12}")
+        oracle = any("oracle_roc_auc" in m for m in summary["eval"].values())  # real data has none: no column
+        lines.append(f"{'eval ' + summary['eval_day']:<22}{'ROC-AUC':>9}{'PR-AUC':>9}{'NE':>8}{'calib':>8}{'positives':>11}"
+                     + (f"{'oracle AUC':>12}" if oracle else ""))
         for label, m in summary["eval"].items():
             lines.append(f"{label:<22}{m['roc_auc']:>9.4f}{m['pr_auc']:>9.4f}{m['ne']:>8.4f}{m['calibration']:>8.3f}"
-                         f"{m.get('oracle_roc_auc', float('nan')):>12.4f}")
+                         f"{m.get('positives', -1):>11}" + (f"{m.get('oracle_roc_auc', float('nan')):>12.4f}" if oracle else ""))
+        if summary.get("coverage"):
+            lines.append("DERM coverage of the eval rows: " + "  ".join(f"{k} {v:.1%}" for k, v in summary["coverage"].items()))
     q = summary.get("embedding_quality")
     if q:  # upstream models (trainer/metrics.py embedding_quality)
         spread = "  ".join(f"{e} cos {q.get(f'{e}_mean_pairwise_cosine', float('nan')):.3f} rank {q.get(f'{e}_effective_rank', float('nan')):.1f}"

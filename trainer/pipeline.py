@@ -1,8 +1,9 @@
 """The daily DERM pipeline (paper Figure 1, Appendix B.2–C): for each day, incremental upstream
-training of the ctr and cvr models, inference + aggregation + publishing of their user and Pin
-embeddings, then training and evaluation of the downstream CTR and CVR models on them — every
-step a TorchX job, submitted through TorchX's runner (``local_cwd`` by default; a cluster
-scheduler by ``--scheduler``), every step skipped when its output for the day already exists.
+training of one model per source of the spec (ctr and cvr in the paper; a click log alone is one
+source), inference + aggregation + publishing of their user and Pin embeddings, then training and
+evaluation of one downstream model per source on them — every step a TorchX job, submitted
+through TorchX's runner (``local_cwd`` by default; a cluster scheduler by ``--scheduler``), every
+step skipped when its output for the day already exists.
 
 One day ``d`` (all but the last day of the data, each evaluated on the next)::
 
@@ -53,8 +54,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root
 from trainer.data.synthetic.config import PRESETS  # noqa: E402
 
 log = logging.getLogger("derm.pipeline")
-SOURCES = ("ctr", "cvr")
-DERM_FEATURES = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
+ENTITIES = ("user", "pin")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,13 @@ class PipelineConfig:
     ``--key=value`` overrides)."""
 
     data: str = "runs/demo/data"
-    """Dataset root (spec.toml with sources ctr and cvr)."""
+    """Dataset root: spec.toml and a folder of day partitions per source."""
+    sources: tuple[str, ...] = ()
+    """The spec's sources to run (each gets an upstream model, its embeddings and a downstream
+    model); empty: every source of the spec. A click log alone is one source."""
+    downstream_kinds: dict[str, str] = field(default_factory=dict)
+    """Downstream model per source, ``ctr`` (MMoE of DCNv2 experts) or ``cvr`` (DHEN); by default
+    ``cvr`` for a source named cvr and ``ctr`` for any other."""
     synthetic_preset: str = "tiny"
     """Generate this synthetic world into ``data`` when it has no dataset; empty: refuse instead."""
     work: str = "runs/pipeline"
@@ -89,8 +95,9 @@ class PipelineConfig:
     alpha: float = 0.9
     ann: bool = True
     """Build a FAISS index of every Pin version."""
-    derm: tuple[str, ...] = DERM_FEATURES
-    """The DERM embeddings the downstream models read."""
+    derm: tuple[str, ...] = ()
+    """The DERM embeddings the downstream models read, each ``{source}_{user|pin}`` of a source
+    that runs; empty: the user and Pin embeddings of every source that runs."""
     baseline: bool = True
     """Also train each downstream model without DERM embeddings, for the lift."""
     similarity: bool = False
@@ -111,9 +118,12 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.method not in ("acc", "ma", "ap"):
             raise ValueError(f"method must be acc, ma or ap, got {self.method!r}")
-        unknown = [f for f in self.derm if f not in DERM_FEATURES]
-        if unknown:
-            raise ValueError(f"derm: unknown embedding(s) {unknown}; choose from {list(DERM_FEATURES)}")
+        bad = [f for f in self.derm if f.rpartition("_")[2] not in ENTITIES or not f.rpartition("_")[0]]
+        if bad:
+            raise ValueError(f"derm: {bad} not of the form {{source}}_{{user|pin}}, e.g. 'ctr_user'")
+        kinds = [k for k in self.downstream_kinds.values() if k not in ("ctr", "cvr")]
+        if kinds:
+            raise ValueError(f"downstream_kinds: {kinds} is not ctr or cvr")
         if self.min_positives < 1:
             raise ValueError(f"min_positives must be >= 1, got {self.min_positives}")
         if self.max_parallel < 1:
@@ -139,19 +149,48 @@ class Pipeline:
         self.work = Path(config.work)
         self.data = Path(config.data)
         self.submitted: list[str] = []
+        self._sources: list[str] | None = None
 
     # ---- the plan ---------------------------------------------------------------------------
-    def days(self) -> tuple[list[str], dict[str, str]]:
-        """The days to run and, for each, the day it is evaluated on."""
+    def sources(self) -> list[str]:
+        """The sources that run, in the spec's order (refusing any the spec does not have)."""
+        if self._sources is None:
+            self._sources = self._plan_sources()
+        return list(self._sources)
+
+    def _plan_sources(self) -> list[str]:
         from trainer.data.spec import load_spec
 
         spec = load_spec(self.data / "spec.toml")
-        missing = [s for s in SOURCES if s not in spec.source_names]
+        wanted = list(self.config.sources) or list(spec.source_names)
+        missing = [s for s in wanted if s not in spec.source_names]
         if missing:
-            raise ValueError(f"{self.data / 'spec.toml'}: the pipeline needs sources {list(SOURCES)}; it has {spec.source_names}")
+            raise ValueError(f"sources {missing}: not sources of {self.data / 'spec.toml'}; it has {list(spec.source_names)}")
+        unknown = sorted(set(self.config.downstream_kinds) - set(wanted))
+        if unknown:
+            raise ValueError(f"downstream_kinds names {unknown}, which do not run; the sources are {wanted}")
+        return wanted
+
+    def derm(self) -> list[str]:
+        """The embeddings the DERM downstream models read: ``derm``, or every source's user and Pin."""
+        sources = self.sources()
+        if not self.config.derm:
+            return [f"{s}_{e}" for s in sources for e in ENTITIES]
+        absent = [f for f in self.config.derm if f.rpartition("_")[0] not in sources]
+        if absent:
+            raise ValueError(f"derm {absent}: no source of that name runs, so nothing publishes them; the sources are {sources} "
+                             f"(embeddings {[f'{s}_{e}' for s in sources for e in ENTITIES]})")
+        return list(self.config.derm)
+
+    def kind(self, source: str) -> str:
+        return self.config.downstream_kinds.get(source, "cvr" if source == "cvr" else "ctr")
+
+    def days(self) -> tuple[list[str], dict[str, str]]:
+        """The days to run and, for each, the day it is evaluated on."""
+        self.derm()  # refuses an impossible request before anything runs
         on_disk = self._on_disk()
         if len(on_disk) < 2:
-            raise ValueError(f"{self.data}: the pipeline needs at least two days of both sources; it has {on_disk}")
+            raise ValueError(f"{self.data}: the pipeline needs at least two days of {' and '.join(self.sources())}; it has {on_disk}")
         days = list(self.config.days) or on_disk[:-1]
         bad = [d for d in days if d not in on_disk[:-1]]
         if bad:
@@ -159,26 +198,31 @@ class Pipeline:
         return days, {d: on_disk[on_disk.index(d) + 1] for d in days}
 
     def stages(self, day: str, eval_day: str) -> list[list[Step]]:
+        sources = self.sources()
         return [
-            [self._upstream(s, day, eval_day) for s in SOURCES],
-            [self._lifecycle(s, day) for s in SOURCES],
-            [self._downstream(kind, derm, day, eval_day) for kind in SOURCES for derm in self._variants()],
+            [self._upstream(s, day, eval_day) for s in sources],
+            [self._lifecycle(s, day) for s in sources],
+            [self._downstream(s, derm, day, eval_day) for s in sources for derm in self._variants()],
         ]
 
     def has_yesterday(self, day: str) -> bool:
-        """Whether both sources published the day before ``day``: the downstream models of a day
+        """Whether every source published the day before ``day``: the downstream models of a day
         train on its embeddings, so they start on the first day that has them (before it, the DERM
         projection would train on zeros alone and meet real embeddings only at evaluation)."""
         from embeddings.daily import is_published
 
         on_disk = self._on_disk()
         i = on_disk.index(day)
-        return i > 0 and all(is_published(self.work, s, on_disk[i - 1], self.config.ann) for s in SOURCES)
+        return i > 0 and all(is_published(self.work, s, on_disk[i - 1], self.config.ann) for s in self.sources())
 
     def _on_disk(self) -> list[str]:
         from trainer.data.loader import day_partitions
 
-        return sorted(set.intersection(*(set(day_partitions(self.data / s)) for s in SOURCES)))
+        sources = self.sources()
+        absent = [s for s in sources if not (self.data / s).is_dir()]
+        if absent:
+            raise ValueError(f"{self.data}: no day partitions for source(s) {absent} (expected {self.data}/<source>/day=YYYY-MM-DD)")
+        return sorted(set.intersection(*(set(day_partitions(self.data / s)) for s in sources)))
 
     @staticmethod
     def _trained_before(run_dir: Path, day: str) -> bool:
@@ -240,16 +284,17 @@ class Pipeline:
 
         return Step(f"lifecycle {source}", done, app)
 
-    def run_dir(self, kind: str, with_derm: bool) -> Path:
-        return self.work / "downstream" / f"{kind}-{'derm' if with_derm else 'baseline'}"
+    def run_dir(self, source: str, with_derm: bool) -> Path:
+        return self.work / "downstream" / f"{source}-{'derm' if with_derm else 'baseline'}"
 
-    def _downstream(self, kind: str, with_derm: bool, day: str, eval_day: str) -> Step:
+    def _downstream(self, source: str, with_derm: bool, day: str, eval_day: str) -> Step:
         from torchx_components import downstream
 
         c = self.config
-        run_dir = self.run_dir(kind, with_derm)
-        features = list(c.derm) if with_derm else []
-        args = [f"--data.root={self.data}", f"--data.source={kind}", f"--train.run_dir={run_dir}", "--train.overwrite=true",
+        run_dir = self.run_dir(source, with_derm)
+        features = self.derm() if with_derm else []
+        kind = self.kind(source)
+        args = [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={run_dir}", "--train.overwrite=true",
                 f"--derm.features={json.dumps(features)}", f"--derm.store_root={self.work / 'store'}",
                 f"--derm.similarity={'true' if c.similarity and with_derm else 'false'}",
                 f"--model.features={json.dumps(list(c.downstream_features))}", "--data.synthetic_preset=",
@@ -298,17 +343,18 @@ class Pipeline:
     def settings(self) -> dict[str, Any]:
         """What the outputs under ``work`` depend on (not where or how the jobs run)."""
         c = self.config
-        keys = ("data", "seed", "method", "alpha", "ann", "derm", "similarity", "downstream_features", "upstream_overrides",
-                "downstream_overrides")
+        keys = ("data", "sources", "downstream_kinds", "seed", "method", "alpha", "ann", "derm", "similarity",
+                "downstream_features", "upstream_overrides", "downstream_overrides")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(c, k)) for k in keys)}
 
     def _check_settings(self) -> None:
         """Refuses to continue a work folder made with other settings: its finished steps would be
-        skipped and reported under settings they were not made with."""
+        skipped and reported under settings they were not made with. A setting newer than the
+        folder counts as made with its default."""
         path, now = self.work / "pipeline.json", self.settings()
         if path.is_file():
-            saved = json.loads(path.read_text())
-            differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            saved, defaults = json.loads(path.read_text()), Pipeline(PipelineConfig()).settings()
+            differ = sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
             if differ:
                 raise ValueError(f"{self.work} was made with other settings ({', '.join(differ)} differ; see {path}); "
                                  "use another work folder, or remove this one to start over")
@@ -357,12 +403,12 @@ class Pipeline:
         gets no AUCs (``too_few_positives``)."""
         rows = []
         for day in downstream_days:
-            for kind in SOURCES:
-                runs = {v: self._trained_until(kind, v, day, downstream_days) for v in self._variants()}
+            for source in self.sources():
+                runs = {v: self._trained_until(source, v, day, downstream_days) for v in self._variants()}
                 summary = runs[True]["summary"]
                 for label, m in summary["eval"].items():
                     few = m["positives"] < self.config.min_positives
-                    row = {"day": day, "eval_day": eval_days[day], "model": kind, "label": label,
+                    row = {"day": day, "eval_day": eval_days[day], "model": source, "kind": self.kind(source), "label": label,
                            "positives": m["positives"], "rows": m["count"], "too_few_positives": few,
                            "roc_auc": None if few else m["roc_auc"], "pr_auc": None if few else m["pr_auc"],
                            "oracle_roc_auc": None if few else m.get("oracle_roc_auc"),
@@ -377,14 +423,15 @@ class Pipeline:
                                        roc_auc_lift_pct=100 * (m["roc_auc"] / b["roc_auc"] - 1),
                                        pr_auc_lift_pct=100 * (m["pr_auc"] / b["pr_auc"] - 1))
                     rows.append(row)
-        return {"days": days, "downstream_days": downstream_days, "derm": list(self.config.derm), "method": self.config.method,
+        return {"days": days, "downstream_days": downstream_days, "sources": self.sources(), "derm": self.derm(),
+                "method": self.config.method,
                 "alpha": self.config.alpha, "similarity": self.config.similarity, "min_positives": self.config.min_positives,
                 "rows": rows, "embedding_quality": self.embedding_quality(days), "jobs_submitted": self.submitted}
 
-    def _trained_until(self, kind: str, with_derm: bool, day: str, downstream_days: list[str]) -> dict[str, Any]:
-        """The summary of the run of ``kind`` that ended on ``day``, and the examples and steps
+    def _trained_until(self, source: str, with_derm: bool, day: str, downstream_days: list[str]) -> dict[str, Any]:
+        """The summary of the run of ``source`` that ended on ``day``, and the examples and steps
         the model has trained on up to it (incremental runs: every downstream day so far)."""
-        run_dir = self.run_dir(kind, with_derm)
+        run_dir = self.run_dir(source, with_derm)
         summaries = [_read_json(run_dir / "summaries" / f"{d}.json") for d in downstream_days if d <= day]
         return {"summary": summaries[-1], "steps": summaries[-1]["global_step"],
                 "examples": sum(s["examples"] for summary in summaries for s in summary["days"])}
@@ -395,13 +442,12 @@ class Pipeline:
         user/Pin pair, so a source's two entries carry the same figures), and the contrastive loss,
         ln B and temperature of the upstream run that ended on the day (None where it did not
         evaluate)."""
-        from embeddings.daily import ENTITIES
         from embeddings.version_quality import RECALL_KS, quality_path
 
         recall_keys = [f"{kind}recall_at_{k}" for kind in ("", "popularity_") for k in RECALL_KS]
         entries = []
         for day in days:
-            for source in SOURCES:
+            for source in self.sources():
                 report = _read_json(quality_path(self.work, source, day))
                 retrieval = report["retrieval"] or {}
                 summary = self.work / "upstream" / source / "summaries" / f"{day}.json"

@@ -128,6 +128,10 @@ class ColumnReader:
                     raise DataError(f"{where}: column '{column}' ({need.role}) has a null list element")
             else:
                 flat = arr
+            if need.kind in ("id", "id_list") and flat.type == pa.uint64() and _max(flat) >= 2 ** 63:
+                row = first_row + _first_row_where(arr, pc.greater_equal(flat, pa.scalar(2 ** 63, pa.uint64())))
+                raise DataError(f"{where}: column '{column}' ({need.role}) has an id >= 2^63 at row {row}, beyond int64; "
+                                "remap or hash the ids below 2^63")
             if need.kind in ("id", "id_list") and _min(flat) < 0:
                 row = first_row + _first_row_where(arr, pc.less(flat, 0))
                 raise DataError(f"{where}: column '{column}' ({need.role}) has a negative id at row {row}")
@@ -246,6 +250,12 @@ def _min(values: pa.Array | pa.ChunkedArray) -> float:
     """Smallest value; +inf for no values."""
     m = pc.min(values).as_py()
     return float("inf") if m is None else m
+
+
+def _max(values: pa.Array | pa.ChunkedArray) -> int | float:
+    """Largest value; -inf for no values."""
+    m = pc.max(values).as_py()
+    return float("-inf") if m is None else m
 
 
 def _is_number(t: pa.DataType) -> bool:

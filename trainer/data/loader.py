@@ -61,6 +61,33 @@ def shard_range(num_rows: int, shard: int, num_shards: int) -> tuple[int, int]:
     return shard * num_rows // num_shards, (shard + 1) * num_rows // num_shards
 
 
+def _check_day(meta: pq.ParquetFile, path: Path, day: str, time_column: str) -> None:
+    """Refuses a file of partition ``day`` whose event times (its footer's row-group statistics;
+    no data is read) fall outside that UTC day. The contract's days are UTC days: a row of day d
+    reads the embeddings published for d − 1 by its UTC event time, so partitions cut in another
+    time zone would silently pair rows with the wrong versions."""
+    start = int(dt.datetime.fromisoformat(day).replace(tzinfo=dt.timezone.utc).timestamp())
+    column = meta.schema_arrow.get_field_index(time_column)
+    if column < 0:
+        return  # check_schema has already named a missing column
+    for i in range(meta.metadata.num_row_groups):
+        stats = meta.metadata.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            continue
+        lo, hi = int(stats.min), int(stats.max)
+        if lo < start or hi >= start + 86_400:
+            def utc(t: int) -> str:
+                try:
+                    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+                except (ValueError, OverflowError, OSError):  # far outside any calendar: not seconds
+                    return f"{t} s"
+
+            raise DataError(
+                f"{path}: {time_column} spans {utc(lo)} .. {utc(hi)} UTC, outside its partition's day {day} (UTC); "
+                "day partitions are UTC days of the event time: re-partition by the UTC day "
+                "(event_time // 86400), or fix the times' unit (seconds since the epoch)")
+
+
 @dataclass(frozen=True)
 class _File:
     path: Path
@@ -94,12 +121,14 @@ class EventLog:
             raise DataError(f"{src}: no day partitions ({prefix}YYYY-MM-DD directories)")
         self.days = chosen
         self.files: list[_File] = []
+        first_types: dict[str, tuple[pa.DataType, Path]] = {}
         total = 0
         for day in chosen:
             d = src / f"{prefix}{day}"
             if not d.is_dir():
                 raise DataError(f"{d}: no such day partition; available days: {_summarise(available)}")
-            paths = sorted(d.glob("*.parquet"))
+            # Spark and Hadoop writers leave _SUCCESS, _temporary-*, .crc and .part-* beside the data.
+            paths = sorted(p for p in d.glob("*.parquet") if not p.name.startswith(("_", ".")))
             if not paths:
                 raise DataError(f"{d}: empty partition (no .parquet files)")
             day_rows = 0
@@ -110,6 +139,8 @@ class EventLog:
                 except (pa.ArrowException, OSError) as e:
                     raise DataError(f"{path}: unreadable Parquet file ({e})") from None
                 self.reader.check_schema(schema, str(path))
+                self._check_same_types(schema, path, first_types)
+                _check_day(meta, path, day, self.spec.keys.time)
                 if rows:
                     self.files.append(_File(path, day, total, rows))
                 total += rows
@@ -117,6 +148,15 @@ class EventLog:
             if day_rows == 0:
                 raise DataError(f"{d}: empty partition (its files hold no rows)")
         self.num_rows = total
+
+    def _check_same_types(self, schema: pa.Schema, path: Path, first: dict[str, tuple[pa.DataType, Path]]) -> None:
+        """Every file holds each needed column in one type (batches concatenate rows across files)."""
+        for column in self.reader.needs:
+            t = schema.field(column).type
+            seen = first.setdefault(column, (t, path))
+            if seen[0] != t:
+                raise DataError(f"{path}: column '{column}' has type {t}, but {seen[1]} has it as {seen[0]}; "
+                                "write every file of a source with the same column types")
 
     def read(self, start: int, stop: int) -> Iterator[pa.Table]:
         """Checked tables covering rows ``[start, stop)`` in order, each at most ``READ_ROWS``."""

@@ -1,0 +1,410 @@
+"""Your own interaction log → the project's input contract (docs/your-data.md).
+
+One row per event of a raw log — CSV with a header, Parquet, or JSON lines — with a user key, an
+item ("Pin") key, a time and the labels becomes one source of a dataset (``ROOT/spec.toml``,
+``ROOT/<source>/day=YYYY-MM-DD/part-00000.parquet``) that every job of the project reads::
+
+    # an impression log with real negatives: every row is an impression, click is 0 or 1
+    python -m trainer.data.rawlog --input clicks.csv --out runs/data/mylog --source ctr \\
+        --user user --item ad --time ts --labels click
+    # a log without impressions (views and buys): every row is an interaction; 4 sampled
+    # non-interactions per view, drawn by popularity, stand in for the impressions
+    python -m trainer.data.rawlog --input events.jsonl --out runs/data/shop --source cvr \\
+        --user visitor --item product --time ts --time-unit ms \\
+        --labels "view=event==view" "buy=event==transaction" --negatives 4
+
+The steps, each a function of its own, in the order they run:
+
+1. :func:`read_batches` streams the file in record batches (memory bounded by the batch, not the
+   file), :func:`epoch_seconds` turns its time column into seconds since the epoch (``s``, ``ms``
+   or ISO 8601 strings, naive ones read in ``--tz``), and :func:`split_by_day` writes each batch's
+   rows into a scratch folder by their **UTC** day (the contract's day partitions; the loader
+   refuses anything else).
+2. Day by day, ascending, each day in time order (memory bounded by a day):
+   - :class:`IdMap` maps raw keys to dense ids in order of first appearance; the maps are saved as
+     ``ROOT/ids/{user,item}.parquet`` (raw key, id) to translate back;
+   - :func:`sample_negatives` (``--negatives K``): for each row whose first label is 1, K items
+     the user had no positive with that day, by popularity (positives before the day, + 1) or
+     uniformly; their probability under the sampler goes into ``sample_prob`` (NaN on logged
+     rows), for logQ corrections and for reading evaluations on sampled negatives;
+   - :class:`History`: each user's items with a positive first label on earlier days, newest
+     first (``user_seq``), and the user's and item's rows and positives of the day before
+     (``*_events_1d``, ``*_positives_1d``): features as of the start of the day, so nothing of
+     the day itself leaks into them;
+   - ``hour_of_day`` of the UTC time.
+3. :func:`build_spec` writes the spec of what was written, and the dataset moves into place only
+   when complete (``dataset_writer.staged_output``).
+
+Bad input is refused naming the file, the column and the problem (:class:`RawLogError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import io
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from trainer.data.dataset_writer import staged_output, write_part
+from trainer.data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, Source, SparseFeature
+
+log = logging.getLogger("derm.data.rawlog")
+SECONDS_PER_DAY = 86_400
+BATCH_ROWS = 65_536
+TIME_UNITS = ("s", "ms", "iso")
+SAMPLINGS = ("popularity", "uniform")
+
+
+class RawLogError(ValueError):
+    """Bad input: the message names the file, the column and the problem."""
+
+
+@dataclass(frozen=True)
+class Label:
+    """One label of the output: an existing 0/1 column, a test ``column == value``, or 1."""
+
+    name: str
+    column: str | None = None
+    value: str | None = None
+
+    @staticmethod
+    def parse(text: str) -> "Label":
+        """``click`` (a 0/1 column), ``buy=event==transaction`` or ``click=1`` (every row)."""
+        name, sep, rule = text.partition("=")
+        if not name.isidentifier():
+            raise RawLogError(f"--labels {text!r}: the label name must be an identifier")
+        if not sep:
+            return Label(name, name)
+        if rule == "1":
+            return Label(name)
+        column, eq, value = rule.partition("==")
+        if not eq or not column:
+            raise RawLogError(f"--labels {text!r}: expected NAME, NAME=COLUMN==VALUE or NAME=1")
+        return Label(name, column, value)
+
+    def columns(self) -> list[str]:
+        return [self.column] if self.column else []
+
+    def evaluate(self, table: pa.Table, where: str) -> np.ndarray:
+        """[N] int8 0/1 of this label on ``table``'s rows."""
+        if self.column is None:
+            return np.ones(table.num_rows, np.int8)
+        col = table[self.column]
+        if self.value is not None:
+            return np.asarray(pc.fill_null(pc.equal(pc.cast(col, pa.string()), self.value), False), np.int8)
+        values = np.asarray(pc.fill_null(pc.cast(col, pa.int64(), safe=False), -1))
+        bad = np.flatnonzero((values != 0) & (values != 1))
+        if bad.size:
+            raise RawLogError(f"{where}: column {self.column!r} (label {self.name!r}) must be 0 or 1; "
+                              f"row {bad[0]} has {col[int(bad[0])].as_py()!r}")
+        return values.astype(np.int8)
+
+
+# ---- 1. reading and splitting by day ----------------------------------------------------------
+
+
+def read_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
+    """The file's rows in tables of at most ``BATCH_ROWS``, only ``columns`` (refused when absent)."""
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if not path.is_file():
+        raise RawLogError(f"{path}: no such file")
+    try:
+        if suffix in (".parquet", ".pq"):
+            pf = pq.ParquetFile(path)
+            _require(pf.schema_arrow.names, columns, path)
+            for rb in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
+                yield pa.Table.from_batches([rb])
+        elif suffix in (".csv", ".csv.gz", ".tsv"):
+            parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            reader = pacsv.open_csv(path, parse_options=parse, read_options=pacsv.ReadOptions(block_size=1 << 22))
+            _require(reader.schema.names, columns, path)
+            for rb in reader:
+                yield pa.Table.from_batches([rb]).select(list(columns))
+        elif suffix in (".jsonl", ".json", ".ndjson"):
+            with open(path, "rb") as f:
+                while True:
+                    lines = f.readlines(1 << 22)
+                    if not lines:
+                        break
+                    table = pajson.read_json(io.BytesIO(b"".join(lines)))
+                    _require(table.column_names, columns, path)
+                    yield table.select(list(columns))
+        else:
+            raise RawLogError(f"{path}: unknown format {suffix!r}; give .csv, .tsv, .parquet or .jsonl")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise RawLogError(f"{path}: unreadable ({e})") from None
+
+
+def _require(have: Sequence[str], want: Sequence[str], path: Path) -> None:
+    missing = [c for c in want if c not in have]
+    if missing:
+        raise RawLogError(f"{path}: missing column(s) {missing}; it has {list(have)}")
+
+
+def epoch_seconds(values: pa.ChunkedArray | pa.Array, unit: str, tz: str, where: str) -> np.ndarray:
+    """[N] int64 seconds since the epoch of a time column: numbers in ``s`` or ``ms``, or ISO 8601
+    strings (``iso``; strings without an offset are local times of ``tz``)."""
+    if values.null_count:
+        raise RawLogError(f"{where}: the time column has {values.null_count} empty value(s)")
+    if unit in ("s", "ms"):
+        try:
+            t = np.asarray(pc.cast(values, pa.float64()))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise RawLogError(f"{where}: the time column is not numeric ({values.type}); give --time-unit iso for dates") from None
+        return np.floor(t / (1000 if unit == "ms" else 1)).astype(np.int64)
+    if unit != "iso":
+        raise RawLogError(f"--time-unit must be one of {TIME_UNITS}, got {unit!r}")
+    text = pc.cast(values, pa.string())
+    try:
+        aware = pc.cast(pc.cast(pc.match_substring_regex(text, r"(Z|[+-]\d\d:?\d\d)$"), pa.int8()), pa.bool_())
+        if pc.any(aware).as_py():
+            if not pc.all(aware).as_py():
+                raise RawLogError(f"{where}: the time column mixes times with and without a UTC offset")
+            stamps = pc.cast(text, pa.timestamp("s", tz="UTC"))
+        else:
+            stamps = pc.assume_timezone(pc.cast(text, pa.timestamp("s")), tz)
+    except pa.ArrowInvalid as e:
+        raise RawLogError(f"{where}: the time column is not ISO 8601 ({e})") from None
+    return np.asarray(pc.cast(stamps, pa.int64()))
+
+
+def split_by_day(tables: Iterator[pa.Table], time_column: str, unit: str, tz: str, scratch: Path, where: str) -> list[str]:
+    """Writes every table's rows, with ``_t`` (seconds), into ``scratch/day=D/chunk-N.parquet`` by
+    UTC day; returns the days, ascending."""
+    days: set[str] = set()
+    for n, table in enumerate(tables):
+        t = epoch_seconds(table[time_column], unit, tz, where)
+        if t.size and (t.min() < 0 or t.max() > 4_102_444_800):  # 2100-01-01
+            raise RawLogError(f"{where}: times outside 1970..2100 (e.g. {int(t.min())}); check --time-unit")
+        day = t // SECONDS_PER_DAY
+        table = table.append_column("_t", pa.array(t))
+        for d in np.unique(day):
+            name = (dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat()
+            rows = table.filter(pa.array(day == d))
+            out = scratch / f"day={name}"
+            out.mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows, out / f"chunk-{n:06d}.parquet")
+            days.add(name)
+    if not days:
+        raise RawLogError(f"{where}: no rows")
+    return sorted(days)
+
+
+# ---- 2. per day: ids, negatives, history -------------------------------------------------------
+
+
+class IdMap:
+    """Raw keys (any type, compared as text) → dense ids 0, 1, ... in order of first appearance."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __call__(self, values: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
+        if values.null_count:
+            raise RawLogError(f"{where}: {values.null_count} empty key(s)")
+        text = pc.cast(values, pa.string())
+        uniques = pc.unique(text)
+        for key in uniques.to_pylist():  # only the day's distinct keys, in first-appearance order
+            self.ids.setdefault(key, len(self.ids))
+        id_of = np.fromiter((self.ids[k] for k in uniques.to_pylist()), np.int64, len(uniques))
+        return id_of[np.asarray(pc.index_in(text, value_set=uniques))]
+
+    def table(self) -> pa.Table:
+        return pa.table({"raw": pa.array(list(self.ids)), "id": pa.array(list(self.ids.values()), pa.int64())})
+
+
+def sample_negatives(users: np.ndarray, excluded: set[tuple[int, int]], weights: np.ndarray, k: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``users`` [N], ``k`` distinct items drawn with probability ∝ ``weights`` [I],
+    none in ``excluded`` (the user's positives of the day); -> items [N, k] and their sampling
+    probabilities [N, k]. Rejection sampling, redrawing only the rejected slots each round."""
+    if k == 0 or users.size == 0:
+        return np.zeros((users.size, k), np.int64), np.zeros((users.size, k), np.float32)
+    p = weights / weights.sum()
+    cum = np.cumsum(p)
+    out = np.empty((users.size, k), np.int64)
+    todo = np.arange(out.size)
+    for _ in range(1000):
+        out.flat[todo] = np.minimum(np.searchsorted(cum, rng.random(todo.size) * cum[-1], side="right"), len(p) - 1)
+        rows = np.unique(todo // k)
+        bad = [r * k + c for r in rows for c in range(k)
+               if (int(users[r]), int(out[r, c])) in excluded or out[r, c] in out[r, :c]]
+        todo = np.asarray(bad, np.int64)
+        if todo.size == 0:
+            return out, p[out].astype(np.float32)
+    raise RawLogError(f"could not draw {k} distinct negatives per row in 1000 rounds: too few items ({len(p)}); lower --negatives")
+
+
+class History:
+    """What is known of every user and item at the start of a day: positives on earlier days
+    (``seq``), and the previous day's rows and positives per user and item."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=seq_len))
+        self.counts = {k: np.zeros(0, np.int64) for k in ("user_events", "user_positives", "item_events", "item_positives")}
+        self.item_positives_total = np.zeros(0, np.int64)
+        self.last_day: str | None = None
+
+    def features(self, users: np.ndarray, items: np.ndarray) -> dict[str, pa.Array]:
+        """The rows' sequences and 1-day counters, as of the start of the day."""
+        def count(name: str, ids: np.ndarray) -> np.ndarray:
+            c, out = self.counts[name], np.zeros(ids.size, np.float32)
+            known = ids < c.size  # new entities: no history
+            out[known] = c[ids[known]]
+            return out
+
+        seqs = [list(reversed(self.seq[int(u)])) if int(u) in self.seq else [] for u in users]
+        return {"seq_item_ids": pa.array(seqs, pa.list_(pa.int64())),
+                "user_events_1d": count("user_events", users), "user_positives_1d": count("user_positives", users),
+                "item_events_1d": count("item_events", items), "item_positives_1d": count("item_positives", items)}
+
+    def start_of_day(self, day: str) -> None:
+        """The 1-day counters describe the calendar day before ``day``: zero after a day without rows."""
+        if self.last_day is not None and dt.date.fromisoformat(day) - dt.date.fromisoformat(self.last_day) > dt.timedelta(days=1):
+            self.counts = {k: np.zeros(0, np.int64) for k in self.counts}
+
+    def end_of_day(self, day: str, users: np.ndarray, items: np.ndarray, positive: np.ndarray, n_users: int, n_items: int) -> None:
+        """Takes in the day's logged rows (time order) so that they count from the next day on."""
+        self.counts = {
+            "user_events": np.bincount(users, minlength=n_users), "user_positives": np.bincount(users[positive], minlength=n_users),
+            "item_events": np.bincount(items, minlength=n_items), "item_positives": np.bincount(items[positive], minlength=n_items),
+        }
+        total = np.zeros(n_items, np.int64)
+        total[: self.item_positives_total.size] = self.item_positives_total
+        self.item_positives_total = total + self.counts["item_positives"]
+        for u, i in zip(users[positive], items[positive]):
+            self.seq[int(u)].append(int(i))
+        self.last_day = day
+
+
+def convert_day(day: str, rows: pa.Table, args: argparse.Namespace, labels: list[Label], users_map: IdMap, items_map: IdMap,
+                history: History, rng: np.random.Generator, where: str) -> pa.Table:
+    """One day of raw rows → the day's output rows (logged rows and their sampled negatives)."""
+    history.start_of_day(day)
+    rows = rows.take(pc.sort_indices(rows, [("_t", "ascending")]))
+    users, items = users_map(rows[args.user], f"{where}: column {args.user!r}"), items_map(rows[args.item], f"{where}: column {args.item!r}")
+    t = np.asarray(rows["_t"])
+    y = {lab.name: lab.evaluate(rows, where) for lab in labels}
+    first = y[labels[0].name].astype(bool)
+    k = args.negatives
+    weights = (np.ones(len(items_map)) if args.sampling == "uniform"
+               else np.r_[history.item_positives_total, np.zeros(len(items_map) - history.item_positives_total.size)] + 1.0)
+    anchor = np.flatnonzero(first)
+    neg_items, neg_prob = sample_negatives(users[anchor], set(zip(users[first].tolist(), items[first].tolist())), weights, k, rng)
+    # logged rows, then each anchor's negatives right after it, at its time
+    order_user = np.r_[users, np.repeat(users[anchor], k)]
+    order_item = np.r_[items, neg_items.ravel()]
+    order_t = np.r_[t, np.repeat(t[anchor], k)]
+    position = np.r_[np.arange(t.size, dtype=np.float64), np.repeat(anchor, k) + 0.5]
+    order = np.lexsort((position, order_t))
+    out_users, out_items, out_t = order_user[order], order_item[order], order_t[order]
+    cols: dict[str, pa.Array | np.ndarray] = {"user_id": out_users, "pin_id": out_items, "event_time": out_t}
+    for name, v in y.items():
+        cols[name] = np.r_[v, np.zeros(anchor.size * k, np.int8)][order]
+    cols["sample_prob"] = np.r_[np.full(t.size, np.nan, np.float32), neg_prob.ravel()][order]
+    cols["hour_of_day"] = (out_t // 3600 % 24).astype(np.int64)
+    cols.update(history.features(out_users, out_items))
+    history.end_of_day(day, users, items, first, len(users_map), len(items_map))
+    return pa.table(cols)
+
+
+# ---- 3. the spec and the dataset ---------------------------------------------------------------
+
+
+def build_spec(source: str, labels: list[str], n_users: int, n_items: int, seq_len: int, dim: int) -> FeatureSpec:
+    """The spec of a converted log: ids, hour of day, the positive-item sequence and the counters."""
+    return FeatureSpec(
+        name=f"rawlog-{source}", keys=Keys(), sources=(Source(source, tuple(labels)),),
+        sparse=(SparseFeature("user_id", "user", max(n_users, 1), dim), SparseFeature("pin_id", "pin", max(n_items, 1), dim),
+                SparseFeature("hour_of_day", "interaction", 24, dim)),
+        sequence=(SequenceFeature("user_seq", "user", max(n_items, 1), dim, seq_len, column="seq_item_ids"),),
+        dense=tuple(DenseFeature(name, tower, transform="log1p") for name, tower in (
+            ("user_events_1d", "user"), ("user_positives_1d", "user"), ("item_events_1d", "pin"), ("item_positives_1d", "pin"))),
+    )
+
+
+def convert(args: argparse.Namespace) -> dict:
+    """Converts ``args.input`` into ``args.out`` (see the module docstring); returns a summary."""
+    labels = [Label.parse(t) for t in args.labels]
+    if len({lab.name for lab in labels}) != len(labels):
+        raise RawLogError(f"--labels: a name appears twice in {args.labels}")
+    if args.negatives < 0 or args.seq_len < 1 or args.dim < 4 or args.dim % 4:
+        raise RawLogError("--negatives must be >= 0, --seq-len >= 1, --dim a multiple of 4")
+    path = Path(args.input)
+    columns = list(dict.fromkeys([args.user, args.item, args.time, *(c for lab in labels for c in lab.columns())]))
+    rng = np.random.default_rng(args.seed)
+    users, items, history = IdMap(), IdMap(), History(args.seq_len)
+    rows_out = 0
+    with tempfile.TemporaryDirectory(prefix=".rawlog-", dir=Path(args.out).resolve().parent) as scratch, \
+            staged_output(args.out, overwrite=args.overwrite) as stage:
+        days = split_by_day(read_batches(path, columns), args.time, args.time_unit, args.tz, Path(scratch), str(path))
+        log.info("%s: %d day(s), %s .. %s", path, len(days), days[0], days[-1])
+        for day in days:
+            raw = pq.read_table(Path(scratch) / f"day={day}")
+            table = convert_day(day, raw, args, labels, users, items, history, rng, f"{path} (day {day})")
+            write_part(table, stage, args.source, day, 0)
+            rows_out += table.num_rows
+            shutil.rmtree(Path(scratch) / f"day={day}")
+            log.info("day %s: %d logged rows -> %d rows", day, raw.num_rows, table.num_rows)
+        spec = build_spec(args.source, [lab.name for lab in labels], len(users), len(items), args.seq_len, args.dim)
+        spec.dump(stage / "spec.toml")
+        (stage / "ids").mkdir()
+        pq.write_table(users.table(), stage / "ids" / "user.parquet")
+        pq.write_table(items.table(), stage / "ids" / "item.parquet")
+    return {"out": str(args.out), "source": args.source, "days": len(days), "rows": rows_out, "users": len(users), "items": len(items)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.data.rawlog", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="the raw log: .csv, .tsv, .parquet or .jsonl")
+    p.add_argument("--out", required=True, help="dataset root to write (spec.toml, <source>/day=..., ids/)")
+    p.add_argument("--source", default="ctr", help="the source's name (default ctr); the pipeline runs one model per source")
+    p.add_argument("--user", default="user_id", help="column of the user key")
+    p.add_argument("--item", default="item_id", help="column of the item (Pin, ad) key")
+    p.add_argument("--time", default="event_time", help="column of the event time")
+    p.add_argument("--time-unit", choices=TIME_UNITS, default="s", help="s or ms since the epoch, or iso (ISO 8601)")
+    p.add_argument("--tz", default="UTC", help="time zone of ISO times without an offset (default UTC)")
+    p.add_argument("--labels", nargs="+", required=True,
+                   help="NAME (a 0/1 column), NAME=COLUMN==VALUE, or NAME=1 (every logged row); the first drives "
+                        "negatives, sequences and the positive counters")
+    p.add_argument("--negatives", type=int, default=0, help="sampled non-interactions per positive row (logs without impressions)")
+    p.add_argument("--sampling", choices=SAMPLINGS, default="popularity")
+    p.add_argument("--seq-len", type=int, default=32, help="longest positive-item sequence kept per user")
+    p.add_argument("--dim", type=int, default=16, help="embedding width of the spec's tables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
+    args = p.parse_args(argv)
+
+    from trainer.log import setup_logging
+
+    setup_logging()
+    try:
+        summary = convert(args)
+    except (RawLogError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
