@@ -44,7 +44,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from modules.config import DERMConfig  # noqa: E402
 from modules.derm import build_derm  # noqa: E402
-from sharding.checkpoint import SnapshotError, read_meta  # noqa: E402
+from sharding.checkpoint import SnapshotError, nonfinite_tensors, read_meta  # noqa: E402
 from sharding.dmp import shard_model  # noqa: E402
 from trainer.config import from_dict  # noqa: E402
 from trainer.data.columns import DataError, hash_ids  # noqa: E402
@@ -81,6 +81,12 @@ class Embedder:
         model, _ = shard_model(task, device)
         state = {"model": model.state_dict()}
         dcp.load(state, checkpoint_id=str(snapshot))
+        bad = nonfinite_tensors(state["model"])
+        count = torch.tensor([len(bad)], device=device)
+        dist.all_reduce(count)  # every rank refuses together, not only the one holding the shard
+        if int(count):
+            raise SnapshotError(f"{snapshot}: weights with NaN or infinite values ({', '.join(bad[:3]) or 'on another rank'}"
+                                f"{', ...' if len(bad) > 3 else ''}); refusing to embed with them")
         model.load_state_dict(state["model"])
         model.eval()
         return cls(snapshot, data_root, source, model, device, config.embedding_dim)
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     ctx = init_distributed(args.device)
     setup_logging(rank=ctx.rank)
+    failed = True
     try:
         embedder = Embedder.load(args.snapshot, args.data, ctx.device)
         for day in args.days.split(","):
@@ -228,12 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             counts = infer_day(embedder, day, args.out, args.batch_size, not args.no_dedup_first, args.overwrite)
             log.info("%s %s: %d users, %d Pins embedded on this rank in %.1fs", embedder.source, day,
                      counts["user"], counts["pin"], time.perf_counter() - t0)
+        failed = False
         return 0
     except (ValueError, SnapshotError, DataError, FileExistsError) as e:
         log.error("%s", e)
         return 2
     finally:
-        shutdown()
+        shutdown(failed=failed)
 
 
 if __name__ == "__main__":

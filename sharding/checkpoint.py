@@ -115,6 +115,24 @@ def _init_optimizer_state(optimizer: Optimizer) -> None:
             opt.init_state()
 
 
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a (sharded) state dict with a NaN or an infinity in
+    this rank's part (local shards of ShardedTensors and DTensors)."""
+    bad = []
+    for name, value in state.items():
+        if hasattr(value, "local_shards"):  # ShardedTensor
+            parts = [shard.tensor for shard in value.local_shards()]
+        elif hasattr(value, "to_local"):  # DTensor
+            parts = [value.to_local()]
+        elif isinstance(value, torch.Tensor):
+            parts = [value]
+        else:
+            continue
+        if any(p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all()) for p in parts):
+            bad.append(name)
+    return bad
+
+
 def _rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain numbers only, so that it loads with
     ``weights_only=True`` (numpy's state holds an ndarray, which would need full unpickling)."""

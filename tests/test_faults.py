@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -38,3 +46,78 @@ def test_rng_states_round_trip_as_plain_tensors(tmp_path):
     _set_rng_state(load_rng_state(tmp_path / "rng.pt"))  # weights_only=True
     again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2:] == again[2:]
+
+
+# ---- a non-finite loss, NaN weights, a failing rank ---------------------------------------------
+
+D1, D2 = "2026-01-01", "2026-01-02"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _copy_with(world: Path, out: Path, day: str, column: str, value: float, rows: slice) -> Path:
+    """A copy of ``world`` whose ctr ``day`` has ``value`` in ``column`` at ``rows`` of its last file."""
+    shutil.copytree(world, out)
+    path = sorted((out / "ctr" / f"day={day}").glob("part-*.parquet"))[-1]
+    table = pq.read_table(path)
+    values = table[column].to_numpy().copy()
+    values[rows] = value
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values, table[column].type)), path)
+    return out
+
+
+def _train_then_poison(rank: int, world_size: int, root: str, run_dir: str) -> dict:
+    """Training that diverges (a dense learning rate of 1e30); then a snapshot with a NaN weight is
+    handed to inference. (Extreme feature values no longer do it: the dense BatchNorm absorbs a
+    feature of 1e30.)"""
+    from embeddings.infer import Embedder
+    from trainer.config import DataConfig, RunConfig, TrainConfig
+    from trainer.distributed import DistContext
+    from sharding.dmp import OptimizerConfig
+    from trainer.loop import NonFiniteLoss, Trainer, run
+
+    ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
+    config = RunConfig(data=DataConfig(root=root, source="ctr", batch_size=256, synthetic_preset=""),
+                       train=TrainConfig(run_dir=run_dir, days=(D1, D2), eval_day="none", log_every=2, max_steps_per_day=4),
+                       optimizer=OptimizerConfig(dense_lr=1e30))
+    out = {}
+    try:
+        run(config, ctx)
+    except NonFiniteLoss as e:
+        out["error"] = str(e)
+    out["snapshots"] = sorted(p.name for p in (Path(run_dir) / "snapshots").glob("day=*"))
+    trainer = Trainer(dataclasses.replace(config, train=TrainConfig(run_dir=run_dir + "-nan"), optimizer=OptimizerConfig()), ctx)
+    with torch.no_grad():
+        next(p for p in trainer.model.parameters() if p.is_floating_point() and p.dim() == 2).fill_(float("nan"))
+    path = trainer.snapshot_path(D1)
+    trainer.save(path, D1, 0)
+    trainer.close()
+    try:
+        Embedder.load(path, root, torch.device("cpu"))
+    except SnapshotError as e:
+        out["inference"] = str(e)
+    return out
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_before_any_snapshot_and_inference_refuses_nan_weights(tiny_world, tmp_path):
+    from tests.distributed import run_ranks
+
+    (out,) = run_ranks(_train_then_poison, 1, str(tiny_world), str(tmp_path / "run"), timeout=600)
+    assert "day 2026-01-01: the training loss became nan" in out["error"]
+    assert out["snapshots"] == []  # the diverged weights were never saved
+    assert "weights with NaN or infinite values" in out["inference"]
+
+
+@pytest.mark.slow
+def test_a_data_error_on_one_rank_fails_the_job_in_seconds(tiny_world, tmp_path):
+    """NaN in one row that only rank 1 reads: rank 1 raises while rank 0 waits in a collective.
+    Before, rank 1 waited in a barrier and the job hung until the 30-minute process-group timeout."""
+    root = _copy_with(tiny_world, tmp_path / "world", D2, "user_ctr_smoothed", float("nan"), slice(-1, None))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "trainer/main.py",
+           f"--data.root={root}", "--data.source=ctr", "--data.synthetic_preset=", "--data.batch_size=256",
+           f"--train.run_dir={tmp_path / 'run'}", f"--days={D1},{D2}", "--eval-day=none"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    assert done.returncode != 0 and "has NaN or infinite values" in done.stderr
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to fail"

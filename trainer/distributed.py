@@ -71,9 +71,13 @@ def set_threads(threads: int = 0) -> int:
     return threads
 
 
-def shutdown() -> None:
-    """Leave the group cleanly (TORCHREC-NOTES: an unclean exit can abort after the last step)."""
+def shutdown(failed: bool = False) -> None:
+    """Leave the group: cleanly after success (a barrier first; TORCHREC-NOTES: an unclean exit can
+    abort after the last step); at once after a failure. A failed rank must not wait in a barrier
+    while its peers wait in a training collective: it leaves, its process exits non-zero, and
+    torchrun stops the peers within seconds instead of at the process-group timeout."""
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 

@@ -44,6 +44,10 @@ from trainer.metrics import binary_metrics, embedding_quality
 log = logging.getLogger("derm.train")
 
 
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite: the run stops before any snapshot holds it."""
+
+
 class Trainer:
     """Trains ``config.data.source``'s upstream model on this rank's share of each day."""
 
@@ -125,6 +129,10 @@ class Trainer:
                 secs = time.perf_counter() - t_window
                 rate = n_window * cfg.data.batch_size * self.ctx.world_size / max(secs, 1e-9)
                 means = {k: float(v) / n_window for k, v in sums.items()}
+                if not math.isfinite(means["loss"]):  # checked where the host reads the loss anyway
+                    raise NonFiniteLoss(f"day {day}: the training loss became {means['loss']} by step {done} (of the "
+                                        f"last {n_window}); stopping before any snapshot of it. Look for extreme "
+                                        "feature values (a log1p feature of 1e30) or lower the learning rates")
                 self._progress(day, done, steps, rate, means)
                 sums.clear()
                 n_window, t_window = 0, time.perf_counter()

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None, config_cls: type = RunConfig, prog: str 
 
     ctx = init_distributed(config.train.device, threads=config.train.threads)
     setup_logging(rank=ctx.rank)
+    failed = True  # until the run returns: any exception leaves the group without a barrier
     try:
         _ensure_data(config, ctx)
         if ctx.is_main:
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None, config_cls: type = RunConfig, prog: str 
             summary = run_downstream(config, ctx)
         else:
             summary = run(config, ctx)
+        failed = False
         if ctx.is_main:
             print(_summary_table(summary, config))
         return 0
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None, config_cls: type = RunConfig, prog: str 
         log.error("%s", e)
         return 2
     finally:
-        shutdown()
+        shutdown(failed=failed)
 
 
 def _summary_table(summary: dict, config) -> str:
