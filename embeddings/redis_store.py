@@ -38,6 +38,7 @@ from one joined buffer. On the 2-core VM, at 1M entities and under load, a 1,000
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 
@@ -120,6 +121,43 @@ redis.call('UNLINK', KEYS[4])
 return 'ok'
 """
 
+PASSWORD_ENV, PASSWORD_FILE_ENV = "DERM_REDIS_PASSWORD", "DERM_REDIS_PASSWORD_FILE"
+
+
+def check_redis_url(url: str) -> None:
+    """Refuses a Redis URL that carries a password: configs, logs and command lines would show it."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(url).password:
+        raise ValueError(f"the Redis URL carries a password ({redact(url)}): configs, logs and argv would show it; give "
+                         f"the URL without it and the password in ${PASSWORD_ENV}, or a file named by ${PASSWORD_FILE_ENV}")
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = f"{parts.username or ''}:***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client for ``url`` (no password in it, :func:`check_redis_url`), authenticating with the
+    password from ``$DERM_REDIS_PASSWORD`` or the file named by ``$DERM_REDIS_PASSWORD_FILE``."""
+    check_redis_url(url)
+    password = os.environ.get(PASSWORD_ENV) or None
+    if password is None and os.environ.get(PASSWORD_FILE_ENV):
+        path = os.environ[PASSWORD_FILE_ENV]
+        try:
+            password = open(path).read().strip() or None
+        except OSError as e:
+            raise ValueError(f"${PASSWORD_FILE_ENV}: cannot read {path} ({e.strerror})") from None
+    return redis.Redis.from_url(url, password=password)
+
+
 class RedisStore(FeatureStore):
     """Feature store in one Redis database (see the module docstring for keys and atomicity).
 
@@ -141,7 +179,7 @@ class RedisStore(FeatureStore):
         pipeline_depth: int = 16,
         staging_ttl_s: int = 86_400,
     ) -> None:
-        self.client = redis.Redis.from_url(client) if isinstance(client, str) else client
+        self.client = redis_client(client) if isinstance(client, str) else client
         if self.client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client with decode_responses=False (embeddings are raw bytes)")
         if not namespace or any(c.isspace() for c in namespace):

@@ -121,3 +121,21 @@ def test_a_data_error_on_one_rank_fails_the_job_in_seconds(tiny_world, tmp_path)
     elapsed = time.perf_counter() - t0
     assert done.returncode != 0 and "has NaN or infinite values" in done.stderr
     assert elapsed < 60, f"the job took {elapsed:.0f} s to fail"
+
+
+# ---- secrets -----------------------------------------------------------------------------------
+
+
+def test_a_redis_password_never_goes_into_a_config_and_comes_from_the_environment(tmp_path, monkeypatch):
+    from embeddings.redis_store import redact, redis_client
+    from trainer.downstream import DERMJoinConfig
+
+    with pytest.raises(ValueError, match=r"carries a password \(redis://:\*\*\*@db:6379/0\).*DERM_REDIS_PASSWORD"):
+        DERMJoinConfig(features=("ctr_user",), redis_url="redis://:hunter2@db:6379/0")
+    assert redact("redis://app:hunter2@db:6379/0") == "redis://app:***@db:6379/0"
+    monkeypatch.setenv("DERM_REDIS_PASSWORD", "hunter2")
+    assert redis_client("redis://db:6379/0").connection_pool.connection_kwargs["password"] == "hunter2"
+    monkeypatch.delenv("DERM_REDIS_PASSWORD")
+    (tmp_path / "pw").write_text("s3cret\n")
+    monkeypatch.setenv("DERM_REDIS_PASSWORD_FILE", str(tmp_path / "pw"))
+    assert redis_client("redis://db:6379/0").connection_pool.connection_kwargs["password"] == "s3cret"

@@ -52,7 +52,9 @@ class DERMJoinConfig:
     store_root: str = ""
     """Folder of embedded feature stores, one per embedding: ``{store_root}/{source}-{entity}``."""
     redis_url: str = ""
-    """Read from Redis instead (namespace ``{source}-{entity}``); overrides ``store_root``."""
+    """Read from Redis instead (namespace ``{source}-{entity}``); overrides ``store_root``. No password
+    in it: the password comes from ``$DERM_REDIS_PASSWORD`` or the file named by
+    ``$DERM_REDIS_PASSWORD_FILE`` (embeddings.redis_store.redis_client)."""
     version_pattern: str = "{source}-{entity}-{day}"
     """Version published for a day (as ``embeddings.publish --version`` was given it)."""
     lag_days: int = 1
@@ -78,6 +80,10 @@ class DERMJoinConfig:
             raise ValueError(f"derm.features lists a name twice: {list(self.features)}")
         if self.features and not (self.store_root or self.redis_url):
             raise ValueError("derm.features needs derm.store_root (embedded stores) or derm.redis_url")
+        if self.redis_url:  # before the config is written to RUN_DIR/config.toml
+            from embeddings.redis_store import check_redis_url
+
+            check_redis_url(self.redis_url)
         for key in ("{source}", "{entity}", "{day}"):
             if key not in self.version_pattern:
                 raise ValueError(f"derm.version_pattern needs {key}, got {self.version_pattern!r}")
