@@ -58,7 +58,10 @@ def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_r
     assert [(r["day"], r["eval_day"]) for r in rows if r["model"] == "cvr" and r["label"] == "conversion"] == [
         ("2026-01-02", "2026-01-03"), ("2026-01-03", "2026-01-04")]
     assert {r["label"] for r in rows} == {"click", "good_click", "conversion", "click_conversion", "view_conversion"}
-    assert all(0.0 <= r["roc_auc"] <= 1.0 and r["oracle_roc_auc"] > 0.5 for r in rows)
+    # the tiny world's eval days have a few dozen conversions: those labels are "too few", not AUCs
+    assert all(r["roc_auc"] is None and r["positives"] < 100 if r["too_few_positives"] else
+               0.0 <= r["roc_auc"] <= 1.0 and r["oracle_roc_auc"] > 0.5 for r in rows)
+    assert any(not r["too_few_positives"] for r in rows) and all(r["train_examples"] > 0 for r in rows)
     assert (work / "results.md").read_text().startswith("| trained | eval |")
     quality = results["embedding_quality"]
     embeddings = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
