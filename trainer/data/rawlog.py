@@ -231,26 +231,35 @@ class IdMap:
         return pa.table({"raw": pa.array(list(self.ids)), "id": pa.array(list(self.ids.values()), pa.int64())})
 
 
-def sample_negatives(users: np.ndarray, excluded: set[tuple[int, int]], weights: np.ndarray, k: int,
+def sample_negatives(users: np.ndarray, excluded: np.ndarray, weights: np.ndarray, k: int,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """For each of ``users`` [N], ``k`` distinct items drawn with probability ∝ ``weights`` [I],
-    none in ``excluded`` (the user's positives of the day); -> items [N, k] and their sampling
-    probabilities [N, k]. Rejection sampling, redrawing only the rejected slots each round."""
+    none a (user, item) pair of ``excluded`` (sorted keys ``user * I + item``: the users' positives
+    of the day); -> items [N, k] and their sampling probabilities [N, k]. Rejection sampling,
+    redrawing only the rejected slots each round, vectorised over rows."""
     if k == 0 or users.size == 0:
         return np.zeros((users.size, k), np.int64), np.zeros((users.size, k), np.float32)
+    n_items = len(weights)
     p = weights / weights.sum()
     cum = np.cumsum(p)
     out = np.empty((users.size, k), np.int64)
     todo = np.arange(out.size)
     for _ in range(1000):
-        out.flat[todo] = np.minimum(np.searchsorted(cum, rng.random(todo.size) * cum[-1], side="right"), len(p) - 1)
+        out.flat[todo] = np.minimum(np.searchsorted(cum, rng.random(todo.size) * cum[-1], side="right"), n_items - 1)
         rows = np.unique(todo // k)
-        bad = [r * k + c for r in rows for c in range(k)
-               if (int(users[r]), int(out[r, c])) in excluded or out[r, c] in out[r, :c]]
-        todo = np.asarray(bad, np.int64)
+        draws = out[rows]  # [R, k]
+        key = users[rows, None] * n_items + draws
+        seen = excluded[np.minimum(np.searchsorted(excluded, key), max(excluded.size - 1, 0))] == key if excluded.size \
+            else np.zeros_like(key, bool)
+        order = np.argsort(draws, axis=1, kind="stable")
+        ranked = np.take_along_axis(draws, order, axis=1)
+        repeat = np.zeros_like(seen)  # a later copy of an item drawn earlier in the row
+        np.put_along_axis(repeat, order[:, 1:], ranked[:, 1:] == ranked[:, :-1], axis=1)
+        r, c = np.nonzero(seen | repeat)
+        todo = rows[r] * k + c
         if todo.size == 0:
             return out, p[out].astype(np.float32)
-    raise RawLogError(f"could not draw {k} distinct negatives per row in 1000 rounds: too few items ({len(p)}); lower --negatives")
+    raise RawLogError(f"could not draw {k} distinct negatives per row in 1000 rounds: too few items ({n_items}); lower --negatives")
 
 
 class History:
@@ -308,7 +317,8 @@ def convert_day(day: str, rows: pa.Table, args: argparse.Namespace, labels: list
     weights = (np.ones(len(items_map)) if args.sampling == "uniform"
                else np.r_[history.item_positives_total, np.zeros(len(items_map) - history.item_positives_total.size)] + 1.0)
     anchor = np.flatnonzero(first)
-    neg_items, neg_prob = sample_negatives(users[anchor], set(zip(users[first].tolist(), items[first].tolist())), weights, k, rng)
+    excluded = np.unique(users[first] * len(items_map) + items[first])
+    neg_items, neg_prob = sample_negatives(users[anchor], excluded, weights, k, rng)
     # logged rows, then each anchor's negatives right after it, at its time
     order_user = np.r_[users, np.repeat(users[anchor], k)]
     order_item = np.r_[items, neg_items.ravel()]
