@@ -13,7 +13,7 @@ install: $(STAMP)
 # The daily pipeline on the tiny synthetic world: every step a TorchX job (local_cwd runs
 # torchrun from the venv). A second `make demo` finds every step done and only prints the table.
 demo: $(STAMP)
-	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m trainer.pipeline --config configs/pipeline-demo.toml
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m pipeline --config configs/pipeline-demo.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

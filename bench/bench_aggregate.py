@@ -70,8 +70,8 @@ def _generate(emb_root: Path, entities: int, dim: int) -> dict:
 
 
 def _aggregate(emb_root: Path, pool_root: Path, day: str) -> dict:
+    from common.log import setup_logging
     from embeddings.aggregate import aggregate_day
-    from trainer.log import setup_logging
 
     setup_logging()
     t0 = time.perf_counter()

@@ -41,13 +41,14 @@ def _child(args: list[str]) -> dict:
 def _run_child(kind: str, preset: str, days: str, out: str) -> None:
     import torch
 
-    from trainer.log import setup_logging
+    from common.log import setup_logging
 
     setup_logging()
     torch.set_num_threads(1)
     if kind == "generate":
-        from trainer.data.synthetic import PRESETS, generate
         import dataclasses
+
+        from data.synthetic import PRESETS, generate
 
         cfg = dataclasses.replace(PRESETS[preset], days=int(days))
         t0 = time.perf_counter()
@@ -57,7 +58,7 @@ def _run_child(kind: str, preset: str, days: str, out: str) -> None:
         print(json.dumps({"rows": rows, "seconds": secs}))
         return
 
-    from trainer.data.loader import EventLog, make_loader
+    from data.loader import EventLog, make_loader
 
     first_day = [sorted(p.name[4:] for p in (Path(out) / "ctr").iterdir())[0]]
     if kind == "load":

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common.log import setup_logging  # noqa: E402
+from data.loader import EventLog  # noqa: E402
+from data.synthetic import PRESETS, generate  # noqa: E402
 from embeddings.infer import Embedder, infer_day  # noqa: E402
+from sharding.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
-from trainer.data.loader import EventLog  # noqa: E402
-from trainer.data.synthetic import PRESETS, generate  # noqa: E402
-from trainer.distributed import init_distributed, shutdown  # noqa: E402
-from trainer.log import setup_logging  # noqa: E402
 from trainer.loop import run  # noqa: E402
 
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=0, help="cap on steps per day (0: full days)")
     args = p.parse_args(argv)
     if not (Path(args.data) / "spec.toml").exists():
-        cmd = [sys.executable, "-m", "trainer.data.synthetic", "--preset", "small", "--out", args.data]
+        cmd = [sys.executable, "-m", "data.synthetic", "--preset", "small", "--out", args.data]
         subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs: dict[tuple[int, str], dict] = {}

@@ -35,13 +35,13 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from common.log import setup_logging  # noqa: E402
+from data.loader import make_loader  # noqa: E402
+from data.spec import load_spec  # noqa: E402
 from modules.downstream import build_downstream  # noqa: E402
 from modules.downstream_config import DERMFeature, DownstreamConfig, missing_key  # noqa: E402
+from sharding.distributed import init_distributed, shutdown  # noqa: E402
 from sharding.dmp import shard_model  # noqa: E402
-from trainer.data.loader import make_loader  # noqa: E402
-from trainer.data.spec import load_spec  # noqa: E402
-from trainer.distributed import init_distributed, shutdown  # noqa: E402
-from trainer.log import setup_logging  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DERM = ("ctr_user", "ctr_pin", "cvr_user", "cvr_pin")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.data)
     if not (root / "spec.toml").exists():
-        from trainer.data.synthetic import PRESETS, generate
+        from data.synthetic import PRESETS, generate
 
         generate(root, PRESETS["small"], seed=0)
     features = tuple(tomllib.loads((REPO / "configs" / "pipeline-demo.toml").read_text())["downstream_features"])

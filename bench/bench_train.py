@@ -67,7 +67,7 @@ there for a sharded module's output all-to-all) + the backward from the first gr
 collection's output to the end of ``loss.backward()`` (the lookups' backward, TorchRec's fused
 update, the gradient all-to-alls, and DDP's final wait for its all-reduces) + the baseline's sparse
 Adagrad step; dense = the rest (dense forward and backward, loss, Adam). Threads: the trainer's
-policy (``trainer.distributed.set_threads``): all cores for 1 rank, one per rank for 2.
+policy (``sharding.distributed.set_threads``): all cores for 1 rank, one per rank for 2.
 
 The run ends with ``speed-up vs reference: N.NNx``, the reference's median step time over the
 default path's, for the first configuration and rank count that has a reference (default, 1 rank
@@ -134,7 +134,7 @@ def _model_config(name: str):
 
 def _spec(name: str, data: str):
     """The world's spec, or its embedding-heavy variant (see the module docstring)."""
-    from trainer.data.spec import SparseFeature, load_spec
+    from data.spec import SparseFeature, load_spec
 
     spec = load_spec(Path(data) / "spec.toml")
     if name != "heavy":
@@ -267,10 +267,11 @@ def _build(job: dict):
     from torch.nn.parallel import DistributedDataParallel
 
     from bench.plain_embeddings import PlainEmbeddingBagCollection, PlainEmbeddingCollection
+    from data.loader import make_loader
     from sharding.collectives import all_gather_ids
-    from sharding.dmp import OptimizerConfig, shard_model
-    from trainer.data.loader import make_loader
-    from trainer.distributed import set_threads
+    from sharding.config import OptimizerConfig
+    from sharding.distributed import set_threads
+    from sharding.dmp import shard_model
 
     world, rank, path, config = job["world"], job["rank"], job["path"], job["config"]
     os.environ["LOCAL_WORLD_SIZE"] = str(world)
@@ -362,7 +363,7 @@ def _child(job: dict) -> None:
     ``go`` it reads, one step and ``done {timings}``; ``stop`` ends it."""
     import torch.distributed as dist
 
-    from trainer.log import setup_logging
+    from common.log import setup_logging
 
     setup_logging()
     step, info = _build(job)
@@ -561,7 +562,7 @@ def main() -> None:
         data = args.data
         if data is None:
             data = str(Path(tmp) / "small")
-            cmd = [sys.executable, "-m", "trainer.data.synthetic", "--preset", "small", "--out", data]
+            cmd = [sys.executable, "-m", "data.synthetic", "--preset", "small", "--out", data]
             subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
         ceilings = _ceilings([max(1, cores // w) for w in args.ranks])
         import torch

@@ -53,8 +53,22 @@ import numpy as np
 from embeddings.buckets import BucketedDay
 from embeddings.daily_input import DailyPartition, InputError, day_partition, dedup_latest, emb_days
 from embeddings.heuristics import Heuristic, PoolColumns, merge_bucket
-from embeddings.pool import (FORMAT, PoolError, bucket_file, bucket_meta, commit, manifest_digest, pool_days,
-                             pool_dir, read_bucket, read_manifest, read_pool, snapshot_dir, staging_dir, write_bucket)
+from embeddings.pool import (
+    FORMAT,
+    PoolError,
+    bucket_file,
+    bucket_meta,
+    commit,
+    manifest_digest,
+    pool_days,
+    pool_dir,
+    read_bucket,
+    read_manifest,
+    read_pool,
+    snapshot_dir,
+    staging_dir,
+    write_bucket,
+)
 from embeddings.quality import BucketStats, cosine_rows, day_report
 
 __all__ = ["aggregate_day", "finalize_day", "read_pool", "pool_days", "InputError", "PoolError"]
@@ -316,7 +330,7 @@ def _parse_buckets(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.log import setup_logging
+    from common.log import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m embeddings.aggregate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -41,13 +41,13 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from common.files import staged_dir
 
 log = logging.getLogger("derm.embeddings.ann")
 
@@ -231,18 +231,11 @@ class AnnIndex:
         path = Path(path)
         if path.exists():
             raise ValueError(f"ANN index directory {path} already exists; indexes are immutable like their versions")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        with staged_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             np.save(tmp / "ids.npy", self.ids)
             meta = {"kind": self.kind, "dim": self.dim, "pins": len(self), **self.search_params}
             (tmp / "ann.json").write_text(json.dumps(meta, indent=1))
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -1,7 +1,7 @@
 """One day of the embedding lifecycle for one upstream model (paper Appendix B.3, C): inference
 with the day's snapshot, aggregation of users and Pins into their pools, publishing of both to the
 feature store (and the Pins to a FAISS index), then the representation quality of the two new
-versions (issue 11; :mod:`embeddings.version_quality`). The daily pipeline (:mod:`trainer.pipeline`) runs
+versions (issue 11; :mod:`embeddings.version_quality`). The daily pipeline (:mod:`pipeline.driver`) runs
 this as one job per upstream model and day.
 
 Every part is skipped when its output is already complete, so a re-run after a failure picks up
@@ -72,10 +72,9 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
     from embeddings.pool import snapshot_dir
     from embeddings.publish import publish
     from embeddings.store import EmbeddedStore
-    from sharding.checkpoint import read_meta
-    from trainer.distributed import init_distributed, shutdown
-
     from embeddings.version_quality import quality_path, write_quality
+    from sharding.checkpoint import read_meta
+    from sharding.distributed import init_distributed, shutdown
 
     source = read_meta(snapshot)["source"]
     if is_published(work, source, day, ann):
@@ -128,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
 
+    from common.log import setup_logging
+    from data.columns import DataError
     from embeddings.aggregate import InputError, PoolError
     from sharding.checkpoint import SnapshotError
-    from trainer.data.columns import DataError
-    from trainer.log import setup_logging
 
     setup_logging()
     try:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data.batch import Batch
 from embeddings.store import FeatureStore
 from modules.downstream_config import missing_key
-from trainer.data.batch import Batch
 
 log = logging.getLogger("derm.embeddings.features")
 SECONDS_PER_DAY = 86_400

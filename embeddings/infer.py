@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import swap_dir  # noqa: E402
+
 if __package__ in (None, ""):  # run as a script (torchrun embeddings/infer.py): import from the repo root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -40,16 +42,15 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
 
+from common.config import from_dict  # noqa: E402
+from data.columns import DataError, hash_ids  # noqa: E402
+from data.loader import EventLog  # noqa: E402
+from data.spec import load_spec  # noqa: E402
 from modules.config import DERMConfig  # noqa: E402
 from modules.derm import build_derm  # noqa: E402
-from sharding.checkpoint import SnapshotError, nonfinite_tensors, read_meta  # noqa: E402
+from sharding.checkpoint import SnapshotError, load_weights, read_meta  # noqa: E402
 from sharding.dmp import shard_model  # noqa: E402
-from trainer.config import from_dict  # noqa: E402
-from trainer.data.columns import DataError, hash_ids  # noqa: E402
-from trainer.data.loader import EventLog  # noqa: E402
-from trainer.data.spec import load_spec  # noqa: E402
 
 log = logging.getLogger("derm.embeddings.infer")
 ENTITIES = ("user", "pin")
@@ -78,16 +79,8 @@ class Embedder:
             raise SnapshotError(f"{snapshot}: its spec differs from {data_root / 'spec.toml'} (source {source})")
         config = from_dict(DERMConfig, meta["model"], f"{snapshot}/meta.json model")
         task = build_derm(spec, source, config, device=device, embedding_device=torch.device("meta"))
-        model, _ = shard_model(task, device)
-        state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(snapshot))
-        bad = nonfinite_tensors(state["model"])
-        count = torch.tensor([len(bad)], device=device)
-        dist.all_reduce(count)  # every rank refuses together, not only the one holding the shard
-        if int(count):
-            raise SnapshotError(f"{snapshot}: weights with NaN or infinite values ({', '.join(bad[:3]) or 'on another rank'}"
-                                f"{', ...' if len(bad) > 3 else ''}); refusing to embed with them")
-        model.load_state_dict(state["model"])
+        model, _ = shard_model(task, device, spec=spec.for_source(source))
+        load_weights(snapshot, model)
         model.eval()
         return cls(snapshot, data_root, source, model, device, config.embedding_dim)
 
@@ -200,11 +193,7 @@ def _write(target: Path, rank: int, ids: np.ndarray, emb: np.ndarray, times: np.
     pq.write_table(table, stage / f"part-r{rank:05d}.parquet", compression="zstd")
     dist.barrier()
     if rank == 0:  # every rank has written: replace the day atomically
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            os.replace(target, old)
-            shutil.rmtree(old)
-        os.replace(stage, target)
+        swap_dir(stage, target)
     dist.barrier()
     return int(ids.size)
 
@@ -221,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
 
-    from trainer.distributed import init_distributed, shutdown
-    from trainer.log import setup_logging
+    from common.log import setup_logging
+    from sharding.distributed import init_distributed, shutdown
 
     setup_logging()
     ctx = init_distributed(args.device)

@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.files import atomic_path
 from embeddings.heuristics import PoolColumns
 
 FORMAT = "derm-pool/1"
@@ -130,12 +131,8 @@ def write_bucket(path: Path, cols: PoolColumns, meta: dict) -> None:
          pa.array(cols.first_day).cast(pa.date32()), pa.array(cols.updates)],
         schema=schema,
     )
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, **_WRITE_OPTIONS)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def bucket_meta(path: Path) -> dict:

@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--version, --ann-dir and --no-activate go with --pool")
     if args.batch_rows < 1:
         parser.error("--batch-rows must be positive")
-    from trainer.log import setup_logging
+    from common.log import setup_logging
 
     setup_logging()
     try:

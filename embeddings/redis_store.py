@@ -45,15 +45,7 @@ import uuid
 import numpy as np
 import redis
 
-from embeddings.store import (
-    HISTORY_LIMIT,
-    FeatureStore,
-    VersionInfo,
-    VersionWriter,
-    as_embeddings,
-    as_ids,
-    check_version_name,
-)
+from embeddings.store import HISTORY_LIMIT, FeatureStore, VersionInfo, VersionWriter, as_embeddings, as_ids, check_version_name
 
 # KEYS: staging, data, versions, pending. ARGV: version, meta JSON, expected count, token.
 _COMMIT = """

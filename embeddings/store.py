@@ -45,6 +45,8 @@ from typing import Iterator
 
 import numpy as np
 
+from common.files import write_text_atomic
+
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,199}")
 HISTORY_LIMIT = 100  # previous active versions remembered for rollback
 OPEN_VERSIONS = 4  # memory-mapped versions an EmbeddedStore keeps open (the active one, rollbacks)
@@ -246,12 +248,8 @@ class EmbeddedStore(FeatureStore):
             return {"active": None, "history": []}
 
     def _write_pointer(self, state: dict) -> None:
-        tmp = self.root / f".ACTIVE.{uuid.uuid4().hex}"
-        with open(tmp, "w") as fh:
-            json.dump(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.root / "ACTIVE")  # atomic: readers open the old file or the new one
+        # atomic: readers open the old pointer or the new one; on disk before the rename
+        write_text_atomic(self.root / "ACTIVE", json.dumps(state), fsync=True)
 
     # -- versions ----------------------------------------------------------------------------
 

@@ -11,18 +11,18 @@ import functools
 import json
 import logging
 import operator
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.files import write_json_atomic
 from embeddings.daily import ENTITIES, ann_dir, store_dir, version_name
 
 if TYPE_CHECKING:
+    from data.spec import FeatureSpec
     from embeddings.store import EmbeddedStore
-    from trainer.data.spec import FeatureSpec
 
 log = logging.getLogger("derm.embeddings.quality")
 QUALITY_ROWS = 20_000
@@ -40,11 +40,7 @@ def write_quality(work: Path, data: Path, source: str, day: str) -> dict:
     """Measures the day's versions (:func:`measure_versions`), writes the report to
     :func:`quality_path` whole or not at all, and logs it in one line."""
     report = measure_versions(work, data, source, day)
-    path = quality_path(work, source, day)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(quality_path(work, source, day), report)
     log.info("%s %s quality: %s", source, day, quality_line(report))
     return report
 
@@ -79,10 +75,10 @@ def measure_versions(work: Path, data: Path, source: str, day: str, max_rows: in
     the version by cosine to the user's vector (through the version's FAISS index when it was
     built, else exactly), beside the same for Pins ranked by their positives on ``day``.
     """
+    from data.loader import day_partitions
+    from data.spec import load_spec
     from embeddings.pool import read_pool, snapshot_dir
     from embeddings.store import EmbeddedStore
-    from trainer.data.loader import day_partitions
-    from trainer.data.spec import load_spec
 
     rng = np.random.default_rng(seed)
     report: dict = {"source": source, "day": day}

@@ -6,7 +6,7 @@ the paper, with the cosine of each source's user and Pin embedding as an input o
 A **protocol** file (``experiments/protocols/<dataset>.toml``, or ``--protocol``) says which days
 play which part and what every cell shares, so the same protocol runs on any dataset with ctr and
 cvr sources. One process per dataset and seed runs the project's own components in-process (the
-daily pipeline, :mod:`trainer.pipeline`, runs the same steps as TorchX jobs):
+daily pipeline, :mod:`pipeline.driver`, runs the same steps as TorchX jobs):
 
 1. **Upstream.** The ctr and cvr DERM models (:class:`trainer.loop.Trainer`) train day by day over
    the upstream days; after each embedding day, that day's users and Pins are embedded with the
@@ -225,7 +225,7 @@ class Experiment:
 
     def __init__(self, dataset: str, data: Path, out: Path, seed: int, ctx, upstream_steps_per_day: int | None = None,
                  embed: str = "daily", protocol_file: Path | None = None) -> None:
-        from trainer.data.loader import day_partitions
+        from data.loader import day_partitions
 
         if embed not in EMBED_MODES:
             raise ValueError(f"embed {embed!r}: expected one of {', '.join(EMBED_MODES)}")
@@ -275,8 +275,9 @@ class Experiment:
         marker.write_text(json.dumps(stats, indent=1))
 
     def _train_and_embed(self, source: str) -> dict:
+        from common.config import from_dict
         from embeddings.infer import Embedder, infer_day
-        from trainer.config import RunConfig, from_dict
+        from trainer.config import RunConfig
         from trainer.loop import Trainer
 
         p = self.protocol
@@ -347,8 +348,9 @@ class Experiment:
     def _train_cell(self, cell: Cell, dense_lr: float) -> dict:
         """One training of a cell: incremental over the train days, evaluated on the validation
         days after each (the learning curve), then on the test days."""
-        from trainer.config import from_dict
-        from trainer.downstream import DownstreamRunConfig, _trainer_cls
+        from common.config import from_dict
+        from trainer.config import DownstreamRunConfig
+        from trainer.downstream import DownstreamTrainer
 
         p = self.protocol
         run_dir = self.work / "downstream" / (cell.name if len(p.dense_lr) == 1 else f"{cell.name}-lr{dense_lr:g}")
@@ -365,7 +367,7 @@ class Experiment:
                                "similarity": cell.similarity}},
                      _merge(p.downstream_overrides, VARIANTS.get(cell.variant, {})))
         config = from_dict(DownstreamRunConfig, raw, cell.name)
-        trainer = _trainer_cls()(config, self.ctx)
+        trainer = DownstreamTrainer(config, self.ctx)
         try:
             days, curve, examples = [], [], 0
             for d in p.train_days:
@@ -461,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                         "day with the last model (back inference over the batch window, paper Appendix B.3)")
     args = p.parse_args(argv)
 
-    from trainer.distributed import init_distributed, shutdown
-    from trainer.log import setup_logging
+    from common.log import setup_logging
+    from sharding.distributed import init_distributed, shutdown
 
     setup_logging()
     data = Path(args.data or f"runs/data/{'ml-100k' if args.dataset == 'movielens' else args.dataset}")
@@ -507,12 +509,12 @@ def main(argv: list[str] | None = None) -> int:
 def _ensure_dataset(dataset: str, data: Path) -> None:
     if (data / "spec.toml").exists():
         return
-    from trainer.data.synthetic import PRESETS, generate
+    from data.synthetic import PRESETS, generate
 
     if dataset not in (*PRESETS, "movielens"):
         raise SystemExit(f"error: {data}: no dataset (spec.toml) there, and {dataset!r} is not one to generate")
     if dataset == "movielens":
-        from trainer.data.movielens import main as movielens_main
+        from data.movielens import main as movielens_main
 
         if movielens_main(["--out", str(data)]) != 0:
             raise SystemExit(f"could not build MovieLens-100K into {data}")

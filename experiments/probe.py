@@ -119,8 +119,8 @@ def spread_rows(data: Path, stores: Path, day: str, limit: int = 20_000) -> list
     over up to ``limit`` of the entities of the day's log that the version holds."""
     import pyarrow.dataset as ds
 
+    from data.spec import load_spec
     from embeddings.representation import spread
-    from trainer.data.spec import load_spec
 
     keys = load_spec(data / "spec.toml").keys
     rows = []

@@ -83,15 +83,15 @@ def oracle_recall(data: Path, day: str, k: int = 100, queries: int = 4000) -> fl
     """Recall@k of the synthetic world's own ranking, the ceiling of ``recall_at_100``: for the
     day's clicks (a fixed random sample of ``queries``), the day's Pins ranked by expected clicks
     E[click on v | u] = P(impression of v | u) · p_click(u, v), from the generator's targeting
-    (``trainer/data/synthetic/simulate.py``: 60 % of ads from the user's interests, 70/30 primary
+    (``data/synthetic/simulate.py``: 60 % of ads from the user's interests, 70/30 primary
     and secondary, Pins by popularity within a category) and its click model without the context
     terms, which no user or Pin embedding can know."""
     import numpy as np
     import pyarrow.parquet as pq
 
+    from data.synthetic.simulate import TARGETED_FRAC
+    from data.synthetic.world import B_CLICK
     from experiments.probe import latent_on_day, world_day
-    from trainer.data.synthetic.simulate import TARGETED_FRAC
-    from trainer.data.synthetic.world import B_CLICK
 
     world, d = world_day(data, day)
     users_t, pins_t = (pq.read_table(data / "truth" / f"{e}s.parquet") for e in ("user", "pin"))

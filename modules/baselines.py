@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.data.batch import Batch
-from trainer.data.spec import FeatureSpec
+from data.batch import Batch
+from data.spec import FeatureSpec
 
 
 class LogisticRegression(nn.Module):

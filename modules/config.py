@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MIXED_PRECISION_MODES = ("auto", "none", "bf16")
+"""``train.mixed_precision``: auto resolves to bf16 or none (``modules.precision``)."""
+
 INTERACTION_MODULES = ("masknet", "transformer", "mlp", "dcn")
 MASKNET_MODES = ("serial", "parallel")
 DENSE_NORMS = ("none", "batch")

@@ -1,6 +1,6 @@
 """The upstream DERM model of one source (paper §3.1, Figure 1, Appendix A) and its train wrapper.
 
-``DERMModel`` reads a :class:`~trainer.data.batch.Batch`: the pooled sparse features go through one
+``DERMModel`` reads a :class:`~data.batch.Batch`: the pooled sparse features go through one
 ``EmbeddingBagCollection`` (all towers' tables, sharded together), the sequences through one
 ``EmbeddingCollection``; both are constructor arguments, built on ``meta`` and materialised by
 ``sharding/`` (as TorchRec's DLRM does). Towers read pooled outputs by feature name, since a
@@ -27,13 +27,13 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
+from data.batch import Batch
+from data.spec import FeatureSpec
 from modules.config import DERMConfig
+from modules.embedding_tables import embedding_bag_configs, embedding_configs
 from modules.losses import DERMLoss
 from modules.precision import MixedPrecision
 from modules.towers import EntityTower, InteractionTower
-from trainer.data.batch import Batch
-from trainer.data.embedding_tables import embedding_bag_configs, embedding_configs
-from trainer.data.spec import FeatureSpec
 
 
 class DERMOutput(NamedTuple):

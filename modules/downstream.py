@@ -1,7 +1,7 @@
 """Downstream CTR and CVR models that consume DERM embeddings (paper §3.2, Appendix D), and their
 train wrapper.
 
-Both read the usual :class:`~trainer.data.batch.Batch` (pooled features through an
+Both read the usual :class:`~data.batch.Batch` (pooled features through an
 ``EmbeddingBagCollection``, sequences through an ``EmbeddingCollection``, both constructor
 arguments as in :mod:`modules.derm`) plus ``derm``, a dict of upstream embeddings published by the
 lifecycle: for every :class:`~modules.downstream_config.DERMFeature` ``k`` of the config,
@@ -39,17 +39,17 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.mlp import MLP
 
+from data.batch import Batch
+from data.spec import FeatureSpec
 from modules.config import DERMConfig
 from modules.dhen import DHEN
 from modules.downstream_config import DOWNSTREAM_KINDS, DERMFeature, DownstreamConfig, missing_key
+from modules.embedding_tables import embedding_bag_configs, embedding_configs
 from modules.losses import MultiTaskBCE
 from modules.moe import MixtureOfDCNExperts
 from modules.precision import MixedPrecision
 from modules.sequence import SequenceEncoder
 from modules.towers import FeatureTokens
-from trainer.data.batch import Batch
-from trainer.data.embedding_tables import embedding_bag_configs, embedding_configs
-from trainer.data.spec import FeatureSpec
 
 
 class DownstreamOutput(NamedTuple):

@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch
 
+from modules.config import MIXED_PRECISION_MODES
+
 MIXED_PRECISION = {"none": None, "bf16": torch.bfloat16}
-MIXED_PRECISION_MODES = ("auto", *MIXED_PRECISION)
-"""``train.mixed_precision``: auto resolves to bf16 or none by :func:`resolve_mixed_precision`."""
+assert MIXED_PRECISION_MODES == ("auto", *MIXED_PRECISION)
 
 
 def has_bf16_matrix_units(device_type: str) -> bool:

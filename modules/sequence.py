@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from data.spec import SequenceFeature
 from modules.attention import TransformerEncoder
 from modules.config import SequenceConfig
-from trainer.data.spec import SequenceFeature
 
 
 class SequenceEncoder(nn.Module):

@@ -27,10 +27,10 @@ from torch import nn
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from data.spec import FeatureSpec
 from modules.config import DERMConfig, DHENConfig
 from modules.dhen import DHEN
 from modules.sequence import SequenceEncoder
-from trainer.data.spec import FeatureSpec
 
 
 @torch.fx.wrap

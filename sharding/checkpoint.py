@@ -5,6 +5,8 @@ A snapshot is a directory::
     SNAP/.metadata, SNAP/*.distcp    model (sharded tables, dense parts, the loss's frequency
                                      estimator buffers) and optimizer state (fused and dense)
     SNAP/meta.json                   trainer state (day, steps, data position), spec and model config
+    SNAP/plan.json                   the sharding plan the model was trained under
+                                     (``sharding.planner.plan_to_json``; for people and dry-run checks)
     SNAP/rng-rank<r>.pt              each rank's RNG states as tensors (restored when the world size
                                      matches; loaded with ``weights_only=True``: no code runs)
 
@@ -34,7 +36,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-META = "meta.json"
+from common.files import swap_dir
+from sharding.planner import plan_to_json
+from sharding.snapshot_paths import META, PLAN, is_snapshot, latest_snapshot_before, snapshot_path  # noqa: F401 (re-exported: the snapshot API)
 
 
 class SnapshotError(ValueError):
@@ -57,11 +61,9 @@ def save_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimize
         dist.barrier()
         if rank == 0:
             (stage / META).write_text(json.dumps({**meta, "world_size": dist.get_world_size()}, indent=1))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{name[0][-8:]}")
-                os.replace(path, old)
-                shutil.rmtree(old)
-            os.replace(stage, path)
+            if getattr(model, "plan", None) is not None:  # DMP's
+                (stage / PLAN).write_text(json.dumps(plan_to_json(model.plan), indent=1))
+            swap_dir(stage, path)
     except BaseException:
         if rank == 0:
             shutil.rmtree(stage, ignore_errors=True)
@@ -92,6 +94,23 @@ def load_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimize
     rng = Path(path) / f"rng-rank{dist.get_rank()}.pt"
     if meta.get("world_size") == dist.get_world_size() and rng.exists():
         _set_rng_state(load_rng_state(rng))
+    return meta
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """Loads only a snapshot's model state into a DMP-wrapped ``model`` (inference: no optimizer),
+    each rank its own shards; returns its meta. Weights with a NaN or an infinity on any rank are
+    refused on every rank together (``SnapshotError``), before the model holds them. Collective."""
+    meta = read_meta(path)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    bad = nonfinite_tensors(state["model"])
+    count = torch.tensor([len(bad)], device=next(iter(model.parameters())).device)
+    dist.all_reduce(count)  # every rank refuses together, not only the one holding the shard
+    if int(count):
+        raise SnapshotError(f"{path}: weights with NaN or infinite values ({', '.join(bad[:3]) or 'on another rank'}"
+                            f"{', ...' if len(bad) > 3 else ''}); refusing to use them")
+    model.load_state_dict(state["model"])
     return meta
 
 

@@ -10,7 +10,6 @@ may choose per device are ``sharding/planner.py``'s.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,14 +17,15 @@ import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from sharding.planner import make_planner, sharders, sharding_constraints
+from data.spec import FeatureSpec
+from sharding.config import DENSE_OPTIMIZER_NAMES, SPARSE_OPTIMIZER_NAMES, OptimizerConfig
+from sharding.planner import BATCH_SIZE, plan_sharding, sharders
 
 SPARSE_OPTIMIZERS = {
     "rowwise_adagrad": RowWiseAdagrad,
@@ -34,27 +34,7 @@ SPARSE_OPTIMIZERS = {
     "adam": torch.optim.Adam,  # fused Adam is CUDA-only in FBGEMM
 }
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    sparse: str = "rowwise_adagrad"
-    """Fused optimizer of the embedding tables: rowwise_adagrad, adagrad, sgd, adam (CUDA only)."""
-    sparse_lr: float = 0.05
-    dense: str = "adam"
-    """Optimizer of everything else: adam, adagrad, sgd."""
-    dense_lr: float = 1e-3
-    fused_dense: bool = True
-    """Run the dense optimizer as PyTorch's fused kernel (CPU and CUDA); false: the per-parameter
-    loop (for comparison; same update)."""
-
-    def check(self, device: torch.device) -> None:
-        if self.sparse not in SPARSE_OPTIMIZERS:
-            raise ValueError(f"optimizer.sparse must be one of {sorted(SPARSE_OPTIMIZERS)}, got {self.sparse!r}")
-        if self.dense not in DENSE_OPTIMIZERS:
-            raise ValueError(f"optimizer.dense must be one of {sorted(DENSE_OPTIMIZERS)}, got {self.dense!r}")
-        if self.sparse == "adam" and device.type != "cuda":
-            raise ValueError("optimizer.sparse = 'adam' needs CUDA (FBGEMM has no fused Adam on CPU); use rowwise_adagrad")
+assert tuple(SPARSE_OPTIMIZERS) == SPARSE_OPTIMIZER_NAMES and tuple(DENSE_OPTIMIZERS) == DENSE_OPTIMIZER_NAMES
 
 
 def shard_model(
@@ -62,8 +42,10 @@ def shard_model(
     device: torch.device,
     optimizer: OptimizerConfig = OptimizerConfig(),
     pg: dist.ProcessGroup | None = None,
-    constraints: Optional[dict[str, ParameterConstraints]] = None,
     plan: Optional[ShardingPlan] = None,
+    *,
+    spec: Optional[FeatureSpec] = None,
+    batch_size: int = BATCH_SIZE,
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Shards ``module``'s embedding collections across the ranks of ``pg`` (dense parts stay
     data-parallel) and returns the DMP-wrapped module with one optimizer for all parameters.
@@ -71,25 +53,19 @@ def shard_model(
     ``module``'s collections are expected on ``meta``; its dense parts on ``device``.
 
     Args:
-        constraints: per-table layouts the planner may choose; default
-            ``sharding.planner.sharding_constraints(module, device.type)`` (what works on the
-            device; HBM only on CUDA).
         plan: a ready plan (e.g. from a dry run); skips planning. It must cover every table.
+        spec: the spec of the model's source (``spec.for_source(source)``): the tables' pooling
+            factors for the planner (``sharding.planner.plan_sharding``, which the dry run calls too).
+        batch_size: the per-rank batch the run trains with, for the planner's buffer estimates.
     """
-    optimizer.check(device)
+    optimizer.check(device.type)
     pg = pg if pg is not None else dist.group.WORLD
     tables = [p for m in module.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for p in m.parameters()]
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[optimizer.sparse], tables, {"lr": optimizer.sparse_lr})
     if plan is None:
         world_size = dist.get_world_size(pg)
-        planner = make_planner(
-            world_size,
-            device.type,
-            hbm_gb=_hbm_gb(device),
-            constraints=constraints if constraints is not None else sharding_constraints(module, device.type),
-            local_world_size=_local_world_size(world_size),
-        )
-        plan = planner.collective_plan(module, sharders(), pg)  # rank 0 plans, the others receive it
+        plan = plan_sharding(module, spec, world_size, device.type, batch_size, hbm_gb=_hbm_gb(device),
+                             local_world_size=_local_world_size(world_size), pg=pg)  # rank 0 plans, the others receive it
     # One rank has no peer to all-reduce dense gradients with, yet DDP would still copy them into
     # its buckets each step (7 % of a one-rank DERM step on CPU, bench/bench_train.py). State-dict
     # keys are the same either way (DMP strips DDP's prefix), so snapshots reshard across both.

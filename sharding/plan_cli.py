@@ -36,16 +36,18 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.stats import EmbeddingStats
 from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats, Storage, Topology
+from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from common.log import setup_logging
+from data.spec import FeatureSpec, SpecError, load_spec
+from data.synthetic.config import PRESETS
+from data.synthetic.features import synthetic_spec
 from modules.config import DERMConfig
 from modules.derm import build_derm
-from sharding.dmp import SPARSE_OPTIMIZERS, OptimizerConfig
-from sharding.planner import BATCH_SIZE, RESERVED_HBM_FRACTION, make_planner, make_topology, sharders, sharding_constraints
-from trainer.data.spec import FeatureSpec, SpecError, load_spec
-from trainer.data.synthetic.config import PRESETS
-from trainer.data.synthetic.features import synthetic_spec
-from trainer.log import setup_logging
+from sharding.config import OptimizerConfig
+from sharding.dmp import SPARSE_OPTIMIZERS
+from sharding.planner import BATCH_SIZE, RESERVED_HBM_FRACTION, make_topology, plan_sharding, sharders, sharding_constraints
 
 GPUS_PER_HOST = 8
 """Default ranks per host on CUDA (one host = 8 GPUs); table_row_wise spreads a table over them."""
@@ -132,6 +134,8 @@ class DryRun:
     seconds: float
     error: str = ""
     """Empty when the plan fits; otherwise what does not fit and what to try."""
+    plan: Optional[ShardingPlan] = None
+    """The plan itself (``sharding.planner.plan_to_json`` writes it as training does)."""
 
     @property
     def fits(self) -> bool:
@@ -151,10 +155,11 @@ class _PlanRecorder(Stats):
         self.reserved_topology = storage_reservation.last_reserved_topology
 
 
-def build_meta_model(spec: FeatureSpec, source: str, sparse_optimizer: str = "rowwise_adagrad") -> nn.Module:
+def build_meta_model(spec: FeatureSpec, source: str, sparse_optimizer: str = "rowwise_adagrad",
+                     model_config: DERMConfig = DERMConfig()) -> nn.Module:
     """The train task of ``source`` on ``meta``, its tables under the fused optimizer (whose state
     the planner counts), as ``shard_model`` would see it."""
-    task = build_derm(spec, source, DERMConfig(), device=torch.device("meta"))
+    task = build_derm(spec, source, model_config, device=torch.device("meta"))
     tables = [p for m in task.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for p in m.parameters()]
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse_optimizer], tables, {"lr": 0.01})
     return task
@@ -172,32 +177,36 @@ def dry_run(
     allow_uvm: bool = False,
     sparse_optimizer: str = "rowwise_adagrad",
     verbose: bool = False,
+    model_config: DERMConfig = DERMConfig(),
 ) -> DryRun:
-    """Plans ``source``'s model of ``spec`` for ``world_size`` ranks of ``device_type``, locally.
+    """Plans ``source``'s model of ``spec`` for ``world_size`` ranks of ``device_type``, locally,
+    with the planning function training uses (``sharding.planner.plan_sharding``): a run config's
+    ``data.batch_size``, ``model`` and ``optimizer.sparse`` given here give the plan its training
+    makes on as many ranks (``plan``; tests/test_trainer.py).
 
     Arguments as in ``sharding.planner.make_planner``; ``allow_uvm`` lets tables spill to host
     memory (CUDA); ``verbose`` adds TorchRec's own stats table to the log. Raises ``ValueError``
     on a bad argument; a plan that does not fit is returned with its ``error``.
     """
-    OptimizerConfig(sparse=sparse_optimizer).check(torch.device(device_type))
-    model = build_meta_model(spec, source, sparse_optimizer)
-    constraints = sharding_constraints(spec.for_source(source), device_type, allow_uvm=allow_uvm)
+    OptimizerConfig(sparse=sparse_optimizer).check(device_type)
+    model = build_meta_model(spec, source, sparse_optimizer, model_config)
+    spec = spec.for_source(source)
     recorder = _PlanRecorder()
     stats: list[Stats] = [recorder, EmbeddingStats()] if verbose else [recorder]
-    planner = make_planner(
-        world_size, device_type, hbm_gb, ddr_gb, batch_size, constraints, local_world_size=local_world_size, stats=stats
-    )
     topology = make_topology(world_size, device_type, hbm_gb, ddr_gb, local_world_size)
     start = time.perf_counter()
-    error = ""
+    error, plan = "", None
     try:
-        planner.plan(model, sharders())
+        plan = plan_sharding(model, spec, world_size, device_type, batch_size, hbm_gb=hbm_gb, ddr_gb=ddr_gb,
+                             local_world_size=local_world_size, allow_uvm=allow_uvm, stats=stats)
     except PlannerError as e:
+        constraints = sharding_constraints(model, device_type, allow_uvm=allow_uvm, spec=spec)
         logging.getLogger(__name__).info("planner: %s", e)  # its full report, for --verbose
         error = _explain_no_plan(e, model, topology, recorder.reserved_topology, batch_size, constraints)
     seconds = time.perf_counter() - start
     tables = tuple(_table_plan(so) for so in recorder.best_plan) if not error else ()
-    return DryRun(device_type, world_size, batch_size, tables, _rank_usage(tables, topology, recorder.reserved_topology), seconds, error)
+    return DryRun(device_type, world_size, batch_size, tables, _rank_usage(tables, topology, recorder.reserved_topology), seconds,
+                  error, plan)
 
 
 def _table_plan(so: ShardingOption) -> TablePlan:

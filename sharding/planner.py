@@ -48,9 +48,8 @@ to tables of 256 columns or more. Why:
 
 Example::
 
-    constraints = sharding_constraints(spec.for_source("ctr"), "cuda")
-    planner = make_planner(world_size=64, device_type="cuda", hbm_gb=80, constraints=constraints)
-    plan = planner.plan(model_on_meta, sharders())  # local: no process group needed
+    # local: no process group needed; training passes its group (``pg``) and gets the same plan
+    plan = plan_sharding(model_on_meta, spec.for_source("ctr"), world_size=64, device_type="cuda", batch_size=2048, hbm_gb=80)
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ import dataclasses
 import warnings
 from typing import Iterable, Optional, Union
 
+import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -68,10 +68,10 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.constants import MIN_CW_DIM
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, Stats, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ModuleSharder, ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig
 
-from trainer.data.spec import FeatureSpec
+from data.spec import FeatureSpec
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -143,6 +143,7 @@ def sharding_constraints(
     device_type: str,
     large_table_rows: int = LARGE_TABLE_ROWS,
     allow_uvm: bool = False,
+    spec: Optional[FeatureSpec] = None,
 ) -> dict[str, ParameterConstraints]:
     """Per-table ``ParameterConstraints``, keyed by table name (``t_<table>``), that allow only the
     layouts and kernels of the module docstring's table on ``device_type``.
@@ -154,6 +155,8 @@ def sharding_constraints(
         device_type: "cpu" or "cuda".
         large_table_rows: tables with at least this many rows are "large".
         allow_uvm: CUDA only; let the planner put tables in host memory (UVM) when HBM is short.
+        spec: with a module or table configs, the spec their features come from: it gives the
+            pooling factors below (features it does not name keep TorchRec's default).
 
     From a spec, each table also gets its features' pooling factors (ids per row: 1 for a single
     id, ``max_length`` for a sequence), so the planner sizes lookups and outputs from the data
@@ -165,7 +168,7 @@ def sharding_constraints(
         raise ValueError(f"large_table_rows must be >= 1, got {large_table_rows}")
     kernels = allowed_compute_kernels(device_type, allow_uvm)
     out: dict[str, ParameterConstraints] = {}
-    for name, (kind, rows, dim, features, pooling) in _tables(tables).items():
+    for name, (kind, rows, dim, features, pooling) in _tables(tables, spec).items():
         out[name] = ParameterConstraints(
             sharding_types=allowed_sharding_types(kind, device_type, rows, dim, large_table_rows),
             compute_kernels=kernels,
@@ -255,6 +258,62 @@ def make_planner(
     )
 
 
+def plan_sharding(
+    module: nn.Module,
+    spec: Optional[FeatureSpec],
+    world_size: int,
+    device_type: str,
+    batch_size: int = BATCH_SIZE,
+    *,
+    hbm_gb: Optional[float] = None,
+    ddr_gb: Optional[float] = None,
+    local_world_size: Optional[int] = None,
+    allow_uvm: bool = False,
+    stats: Optional[list[Stats]] = None,
+    pg: Optional[dist.ProcessGroup] = None,
+) -> ShardingPlan:
+    """The sharding plan of ``module``'s tables: the one planning function, called by training
+    (``sharding.dmp.shard_model``) and by the dry run (``sharding.plan_cli``), so that a dry run
+    of a config predicts the plan its training uses (tests/test_trainer.py checks it).
+
+    Constraints come from the module's tables and the layouts of the module docstring; pooling
+    factors from ``spec`` (the model's source's spec; ``None``: TorchRec's default of one id per
+    feature); input buffers from ``batch_size``, the per-rank batch the run trains with. With
+    ``pg``, rank 0 plans and the other ranks of ``pg`` receive its plan (collective); without,
+    the plan is made locally (a dry run needs no process group). Other arguments as in
+    :func:`make_planner` and :func:`sharding_constraints`.
+    """
+    constraints = sharding_constraints(module, device_type, allow_uvm=allow_uvm, spec=spec)
+    planner = make_planner(world_size, device_type, hbm_gb, ddr_gb, batch_size, constraints,
+                           local_world_size=local_world_size, stats=stats)
+    if pg is not None:
+        return planner.collective_plan(module, sharders(), pg)
+    return planner.plan(module, sharders())
+
+
+def plan_to_json(plan: ShardingPlan) -> dict[str, dict[str, dict]]:
+    """The plan as plain JSON (``plan.json`` beside each snapshot): per collection and table, its
+    sharding type, compute kernel and shards (rank, row and column offsets, sizes)."""
+    out: dict[str, dict[str, dict]] = {}
+    for module_path, params in sorted(plan.plan.items()):
+        for name, p in sorted(params.items()):
+            shards = []
+            if p.sharding_spec is not None:
+                shards = [{"rank": s.placement.rank(), "offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes)}
+                          for s in p.sharding_spec.shards]
+            out.setdefault(module_path, {})[name] = {
+                "sharding_type": p.sharding_type, "compute_kernel": p.compute_kernel,
+                "ranks": list(p.ranks) if p.ranks is not None else None, "shards": shards,
+            }
+    return out
+
+
+def describe_plan(plan: ShardingPlan) -> str:
+    """One line per table: ``model.ebc.t_user_id: table_wise/fused on ranks [0]``."""
+    return "\n".join(f"{m}.{t}: {p['sharding_type']}/{p['compute_kernel']} on ranks {p['ranks'] or 'all'}"
+                     for m, tables in plan_to_json(plan).items() for t, p in tables.items())
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 
 
@@ -279,13 +338,19 @@ def _bytes(gb: Optional[float]) -> Optional[int]:
     return None if gb is None else int(gb * 1024**3)
 
 
+def _pooling_factors(spec: FeatureSpec) -> dict[str, float]:
+    """Feature name -> ids per row: 1 for a single id, ``max_length`` for a sequence."""
+    return {**{f.name: 1.0 for f in spec.sparse}, **{f.name: float(f.max_length) for f in spec.sequence}}
+
+
 def _tables(
     tables: Union[FeatureSpec, nn.Module, Iterable[BaseEmbeddingConfig]],
+    spec: Optional[FeatureSpec] = None,
 ) -> dict[str, tuple[str, int, int, list[str], list[float]]]:
     """Table name -> (collection "ebc"/"ec", rows, dim, feature names, pooling factors or [])."""
     out: dict[str, tuple[str, int, int, list[str], list[float]]] = {}
     if isinstance(tables, FeatureSpec):
-        # Spec order, as trainer/data/embedding_tables.py lists a table's features; the
+        # Spec order, as modules/embedding_tables.py lists a table's features; the
         # pooling factors must follow that order.
         for kind, features in (("ebc", tables.sparse), ("ec", tables.sequence)):
             for f in features:
@@ -301,7 +366,10 @@ def _tables(
             elif isinstance(m, EmbeddingCollection):
                 configs.extend(m.embedding_configs())
         tables = configs
+    pooling = _pooling_factors(spec) if spec is not None else {}
     for cfg in tables:
         kind = "ebc" if isinstance(cfg, EmbeddingBagConfig) else "ec"
-        out[cfg.name] = (kind, cfg.num_embeddings, cfg.embedding_dim, list(cfg.feature_names), [])
+        features = list(cfg.feature_names)
+        factors = [pooling[f] for f in features] if pooling and all(f in pooling for f in features) else []
+        out[cfg.name] = (kind, cfg.num_embeddings, cfg.embedding_dim, features, factors)
     return out

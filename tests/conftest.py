@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from trainer.data.synthetic import PRESETS, generate
+from data.synthetic import PRESETS, generate
 
 TINY = dataclasses.replace(PRESETS["tiny"], days=3)
 

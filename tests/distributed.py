@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 def _entry(fn: Callable, rank: int, world_size: int, store: str, queue: Any, args: tuple) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
-    from trainer.log import setup_logging
+    from common.log import setup_logging
 
     setup_logging(rank=rank)
     try:

@@ -361,10 +361,10 @@ def test_cli_applies_a_day_and_exits_2_on_bad_input(hand):
 
 
 def test_cli_buckets_then_finalize(hand, monkeypatch, capsys):
-    import trainer.log
+    import common.log
     from embeddings.aggregate import main
 
-    monkeypatch.setattr(trainer.log, "setup_logging", lambda: None)  # keep pytest's log capture
+    monkeypatch.setattr(common.log, "setup_logging", lambda: None)  # keep pytest's log capture
     emb, pool = hand
     common = ["--pool", str(pool), "--source", "ctr", "--entity", "user", "--day", D1]
     compute = common + ["--emb", str(emb), "--method", "ap", "--num-buckets", "4"]

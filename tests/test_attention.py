@@ -151,10 +151,10 @@ def _derm_grads(task, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def test_derm_step_fast_path_equals_reference_and_bf16_is_close(tiny_world):
     """A whole upstream step: the fast path (SDPA attention, pruned sequence queries, positive-row
     contrastive scoring) equals the reference path; a bfloat16-autocast step is close to both."""
+    from data.loader import make_loader
+    from data.spec import load_spec
     from modules.config import DERMConfig
     from modules.derm import build_derm
-    from trainer.data.loader import make_loader
-    from trainer.data.spec import load_spec
 
     torch.manual_seed(0)
     spec = load_spec(tiny_world / "spec.toml")
@@ -190,7 +190,7 @@ def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
 
 
 def test_thread_policy(monkeypatch):
-    from trainer.distributed import set_threads
+    from sharding.distributed import set_threads
 
     before = torch.get_num_threads()
     try:

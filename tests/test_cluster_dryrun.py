@@ -96,14 +96,14 @@ CASES = {
         lambda _: downstream.train(
             "--derm.store_root=/data/derm/pipeline/store", kind="cvr", mode="incremental", day="2026-01-03", **TORCHRUN
         ),
-        "trainer/downstream.py --kind=cvr --mode incremental --day 2026-01-03 --derm.store_root=/data/derm/pipeline/store",
+        "trainer/main.py --task=downstream --kind=cvr --mode incremental --day 2026-01-03 --derm.store_root=/data/derm/pipeline/store",
         torchrun=True,
     ),
     "pipeline.daily": Case(
         lambda scheduler: pipeline.daily(
             "--data=/data/derm", "--work=/data/derm/pipeline", "--j=2x4", "--gpu=4", jobs_scheduler=scheduler, **SINGLE
         ),
-        "python -m trainer.pipeline --scheduler={scheduler} --image=reg/derm:1 --data=/data/derm"
+        "python -m pipeline --scheduler={scheduler} --image=reg/derm:1 --data=/data/derm"
         " --work=/data/derm/pipeline --j=2x4 --gpu=4",
         torchrun=False,
     ),

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torchrec.fx
 
+from data.loader import make_loader
+from data.spec import load_spec
 from modules.baselines import LogisticRegression
 from modules.config import DERMConfig, DHENConfig
 from modules.derm import DERMOutput, build_derm
-from trainer.data.loader import make_loader
-from trainer.data.spec import load_spec
 
 SMALL = DERMConfig(
     token_dim=16,

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from data.loader import make_loader
+from data.spec import load_spec
 from embeddings.features import DERMFeatureJoin, DERMSource
 from embeddings.store import EmbeddedStore
 from modules.downstream import build_downstream
 from modules.downstream_config import DERMFeature, DownstreamConfig
-from trainer.data.loader import make_loader
-from trainer.data.spec import load_spec
 
 DAY, YESTERDAY = "2026-01-03", "2026-01-02"
 

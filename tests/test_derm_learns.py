@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
+from data.loader import make_loader
+from data.spec import load_spec
+from data.synthetic import PRESETS, generate
 from modules.baselines import LogisticRegression
 from modules.config import DERMConfig, DHENConfig
 from modules.derm import build_derm
-from trainer.data.loader import make_loader
-from trainer.data.spec import load_spec
-from trainer.data.synthetic import PRESETS, generate
 
 SPREAD_THRESHOLD = 0.5
 """Mean pairwise cosine of Pin embeddings that a short tiny-world run must stay below."""

@@ -7,13 +7,13 @@ import math
 
 import torch
 
+from data.loader import make_loader
+from data.spec import load_spec
 from modules.config import DERMConfig, DHENConfig
 from modules.derm import build_derm
 from sharding.collectives import all_gather_ids
 from sharding.dmp import shard_model
 from tests.distributed import run_ranks
-from trainer.data.loader import make_loader
-from trainer.data.spec import load_spec
 
 CONFIG = DERMConfig(
     token_dim=16,

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torchrec.fx
 
+from data.loader import make_loader
+from data.spec import load_spec
 from modules.config import DHENConfig, SequenceConfig
 from modules.downstream import DERMProjection, DownstreamOutput, build_downstream
 from modules.downstream_config import DERMFeature, DownstreamConfig, missing_key
 from modules.moe import MixtureOfDCNExperts
-from trainer.data.loader import make_loader
-from trainer.data.spec import load_spec
 
 KEYS = {"ctr_user": 24, "ctr_pin": 24, "cvr_user": 16, "cvr_pin": 16}
 

@@ -1,4 +1,4 @@
-"""Training downstream models on DERM embeddings (trainer/downstream.py) on 2 gloo ranks through
+"""Training downstream models on DERM embeddings (trainer/main.py --task downstream) on 2 gloo ranks through
 TorchRec's train pipeline: the batches carry version d − 1 for day d (never the day's own), an
 entity absent from the store gets the missing indicator, initial then incremental training
 snapshots and evaluates; and the config refuses what it cannot serve. Also: the upstream trainer
@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from common.config import load_config
+from data.loader import make_loader
 from embeddings.store import EmbeddedStore
 from modules.config import DHENConfig, SequenceConfig
 from modules.downstream_config import DownstreamConfig
 from tests.distributed import run_ranks
-from trainer.data.loader import make_loader
-from trainer.config import DataConfig, TrainConfig, load_config
-from trainer.downstream import DERMJoinConfig, DownstreamRunConfig
+from trainer.config import DataConfig, DERMJoinConfig, DownstreamRunConfig, TrainConfig, load_run_config
 
 D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
 VALUE = {D1: 1.0, D2: 2.0, D3: 3.0}  # every embedding of version d holds VALUE[d]
@@ -57,14 +57,14 @@ def _config(root, store_root, run_dir, kind="cvr", **train) -> DownstreamRunConf
 
 
 def _two_ranks(rank: int, world_size: int, root: str, store_root: str, run_dir: str, users: np.ndarray, kind: str) -> dict:
-    from trainer.distributed import DistContext
-    from trainer.downstream import _trainer_cls, run_downstream
+    from sharding.distributed import DistContext
+    from trainer.downstream import DownstreamTrainer, run_downstream
 
     ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
     config = _config(root, store_root, run_dir, kind, days=(D2,), eval_day=D3)
     out = {}
 
-    trainer = _trainer_cls()(config, ctx)
+    trainer = DownstreamTrainer(config, ctx)
     loader = make_loader(root, "cvr", 300, days=[D3], rank=rank, world_size=world_size)
     batch = next(trainer._prepare(iter(loader)))
     known = torch.from_numpy(np.isin(batch.user_id.numpy(), users))
@@ -128,25 +128,25 @@ def test_bad_downstream_configs_are_refused(tmp_path):
 
 
 def test_store_without_versions_is_refused_naming_it(tiny_world, tmp_path):
-    from trainer.distributed import init_distributed
-    from trainer.downstream import _trainer_cls
+    from sharding.distributed import init_distributed
+    from trainer.downstream import DownstreamTrainer
 
     EmbeddedStore(tmp_path / "store" / "ctr-user")  # exists, nothing published
     config = _config(tiny_world, tmp_path / "store", tmp_path / "run")
     config = dataclasses.replace(config, derm=dataclasses.replace(config.derm, features=("ctr_user",)))
     ctx = init_distributed("cpu")
     with pytest.raises(ValueError, match=r"ctr_user: its store EmbeddedStore\('.*ctr-user'\) has no versions"):
-        _trainer_cls()(config, ctx)
+        DownstreamTrainer(config, ctx)
     config = dataclasses.replace(config, derm=dataclasses.replace(config.derm, store_root=str(tmp_path / "typo")))
     with pytest.raises(ValueError, match=r"derm.features ctr_user: no feature store at .*typo/ctr-user"):
-        _trainer_cls()(config, ctx)
+        DownstreamTrainer(config, ctx)
     assert not (tmp_path / "typo").exists()
 
 
 def test_bf16_mixed_precision_trains_with_float32_losses(tiny_world, tmp_path):
+    from sharding.distributed import init_distributed
     from tests.test_trainer import MODEL as UPSTREAM
     from trainer.config import RunConfig
-    from trainer.distributed import init_distributed
     from trainer.loop import Trainer
 
     config = RunConfig(
@@ -167,6 +167,6 @@ def test_bf16_mixed_precision_trains_with_float32_losses(tiny_world, tmp_path):
     assert stats["steps"] == 3 and np.isfinite(stats["mean_loss"])
     assert 0.0 <= metrics["conversion"]["roc_auc"] <= 1.0
     with pytest.raises(ValueError, match="mixed_precision must be one of auto, none, bf16"):
-        load_config(None, ["train.mixed_precision=fp16"])
+        load_run_config("upstream", None, ["train.mixed_precision=fp16"])
     with pytest.raises(ValueError, match="train.threads must be >= 0"):
-        load_config(None, ["train.threads=-1"])
+        load_run_config("upstream", None, ["train.threads=-1"])

@@ -70,9 +70,9 @@ def _train_then_poison(rank: int, world_size: int, root: str, run_dir: str) -> d
     handed to inference. (Extreme feature values no longer do it: the dense BatchNorm absorbs a
     feature of 1e30.)"""
     from embeddings.infer import Embedder
+    from sharding.config import OptimizerConfig
+    from sharding.distributed import DistContext
     from trainer.config import DataConfig, RunConfig, TrainConfig
-    from trainer.distributed import DistContext
-    from sharding.dmp import OptimizerConfig
     from trainer.loop import NonFiniteLoss, Trainer, run
 
     ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
@@ -128,7 +128,7 @@ def test_a_data_error_on_one_rank_fails_the_job_in_seconds(tiny_world, tmp_path)
 
 def test_a_redis_password_never_goes_into_a_config_and_comes_from_the_environment(tmp_path, monkeypatch):
     from embeddings.redis_store import redact, redis_client
-    from trainer.downstream import DERMJoinConfig
+    from trainer.config import DERMJoinConfig
 
     with pytest.raises(ValueError, match=r"carries a password \(redis://:\*\*\*@db:6379/0\).*DERM_REDIS_PASSWORD"):
         DERMJoinConfig(features=("ctr_user",), redis_url="redis://:hunter2@db:6379/0")

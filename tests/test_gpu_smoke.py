@@ -44,8 +44,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def ctx():
-    """A one-rank nccl group on cuda:0, as trainer.distributed.init_distributed makes under torchrun."""
-    from trainer.distributed import DistContext
+    """A one-rank nccl group on cuda:0, as sharding.distributed.init_distributed makes under torchrun."""
+    from sharding.distributed import DistContext
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process; run this file on its own")
@@ -67,6 +67,8 @@ def _config(root: Path, run_dir: Path, **train) -> RunConfig:
 
 
 def test_train_infer_publish_search_on_one_gpu(ctx, tiny_world, tmp_path):
+    from data.loader import make_loader
+    from data.spec import load_spec
     from embeddings.aggregate import aggregate_day, read_pool
     from embeddings.ann import AnnIndex
     from embeddings.infer import Embedder, infer_day
@@ -74,8 +76,6 @@ def test_train_infer_publish_search_on_one_gpu(ctx, tiny_world, tmp_path):
     from embeddings.store import EmbeddedStore
     from modules.derm import build_derm
     from sharding.checkpoint import load_unsharded
-    from trainer.data.loader import make_loader
-    from trainer.data.spec import load_spec
     from trainer.loop import run
 
     run_dir = tmp_path / "cvr"

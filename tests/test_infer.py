@@ -8,14 +8,14 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
+from common.config import from_dict
+from data.loader import EventLog
+from data.spec import load_spec
 from embeddings.infer import _last_per_entity
+from modules.config import DERMConfig
 from modules.derm import build_derm
 from sharding.checkpoint import load_unsharded, read_meta
 from tests.distributed import run_ranks
-from trainer.config import from_dict
-from modules.config import DERMConfig
-from trainer.data.loader import EventLog
-from trainer.data.spec import load_spec
 
 DAYS = ["2026-01-01", "2026-01-02"]
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
-from trainer.data.columns import hash_ids
-from trainer.data.dataset_writer import write_part
-from trainer.data.embedding_tables import embedding_bag_configs, embedding_configs
-from trainer.data.loader import BatchLoader, DataError, EventLog, make_loader, shard_range
-from trainer.data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
+from data.columns import hash_ids
+from data.dataset_writer import write_part
+from data.loader import BatchLoader, DataError, EventLog, make_loader, shard_range
+from data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
+from modules.embedding_tables import embedding_bag_configs, embedding_configs
 
 SPEC = FeatureSpec(
     name="hand-built",

@@ -7,11 +7,11 @@ import torch
 from torch import fx
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from data.spec import SequenceFeature, SideList
 from modules.config import DERMConfig, DHENConfig, SequenceConfig
 from modules.dhen import DHEN, interaction_module
 from modules.masknet import MaskBlock, MaskNet
 from modules.sequence import SequenceEncoder
-from trainer.data.spec import SequenceFeature, SideList
 
 
 def _grads_everywhere(module: torch.nn.Module) -> None:

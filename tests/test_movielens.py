@@ -1,4 +1,4 @@
-"""MovieLens-100K adapter (trainer/data/movielens.py): the real data against its known counts and the
+"""MovieLens-100K adapter (data/movielens.py): the real data against its known counts and the
 input contract, plus a hand-made atomic-file folder for exact values and bad input.
 
 The module fixture downloads the RecBole 1.2.1 wheel once into <repo>/.cache/recbole (PyPI) and
@@ -19,9 +19,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.data import movielens
-from trainer.data.movielens import MovieLensError, convert, fetch_recbole_wheel, main
-from trainer.data.spec import load_spec
+from data import movielens
+from data.movielens import MovieLensError, convert, fetch_recbole_wheel, main
+from data.spec import load_spec
 
 NEG = 4
 L = 50

@@ -1,4 +1,4 @@
-"""The daily pipeline (trainer/pipeline.py) through TorchX's runner on ``local_cwd``: three days of
+"""The daily pipeline (pipeline/driver.py) through TorchX's runner on ``local_cwd``: three days of
 the tiny world end to end, then a re-run that submits nothing; a failing job stops the pipeline
 naming the day, the step and the job's log; and the plan refuses what it cannot run."""
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from data.spec import load_spec
+from data.synthetic import PRESETS, generate
 from embeddings.store import EmbeddedStore
-from trainer.data.synthetic import PRESETS, generate
-from trainer.data.spec import load_spec
-from trainer.pipeline import Pipeline, PipelineConfig, PipelineError, quality_table, results_table
+from pipeline.driver import Pipeline, PipelineConfig, PipelineError, quality_table, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]

@@ -12,12 +12,12 @@ import time
 
 import pytest
 
+from data.synthetic import PRESETS
+from data.synthetic.features import synthetic_spec
+from modules.embedding_tables import embedding_bag_configs, embedding_configs
 from sharding.plan_cli import build_meta_model, dry_run, main, scale_entity_tables
 from sharding.planner import LARGE_TABLE_ROWS, allowed_sharding_types, make_planner, sharders, sharding_constraints
 from tests.conftest import TINY
-from trainer.data.embedding_tables import embedding_bag_configs, embedding_configs
-from trainer.data.synthetic import PRESETS
-from trainer.data.synthetic.features import synthetic_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit._script")  # torch.distributed.optim, at first import
 

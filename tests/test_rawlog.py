@@ -1,4 +1,4 @@
-"""Raw logs into the input contract (trainer/data/rawlog.py): an impression log with real negatives
+"""Raw logs into the input contract (data/rawlog.py): an impression log with real negatives
 (CSV) and a log of views and buys without impressions (JSON lines, times in ms), generated here
 in the shapes of real logs; then the loader reads them, and the whole pipeline runs on one."""
 
@@ -13,8 +13,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.data.loader import EventLog, make_loader
-from trainer.data.rawlog import Label, RawLogError, main
+from data.loader import EventLog, make_loader
+from data.rawlog import Label, RawLogError, main
 
 DAY0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -132,7 +132,7 @@ def test_bad_input_names_the_file_column_and_problem(tmp_path, capsys):
 def test_a_view_and_buy_log_runs_through_the_whole_pipeline(tmp_path, in_repo):
     """The shop's export → rawlog → the daily pipeline as TorchX jobs, with nothing else written by
     hand: one source, its two embeddings, a downstream model and its baseline."""
-    from trainer.pipeline import Pipeline, PipelineConfig
+    from pipeline.driver import Pipeline, PipelineConfig
 
     event_log(tmp_path / "events.jsonl")
     data = tmp_path / "shop"

@@ -6,14 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embeddings.representation import (
-    effective_rank,
-    mean_pairwise_cosine,
-    popularity_recall_at_k,
-    procrustes_residual,
-    recall_at_k,
-    spread,
-)
+from embeddings.representation import effective_rank, mean_pairwise_cosine, popularity_recall_at_k, procrustes_residual, recall_at_k, spread
 
 N, E = 2000, 32
 

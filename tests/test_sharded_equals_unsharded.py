@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from data.loader import make_loader
+from data.spec import load_spec
 from modules.derm import build_derm
-from sharding.dmp import OptimizerConfig
+from sharding.config import OptimizerConfig
 from tests.distributed import run_ranks
 from tests.test_derm_sharded import CONFIG
-from trainer.data.loader import make_loader
-from trainer.data.spec import load_spec
 
 LR = 0.1
 

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 from torchrec.modules.embedding_configs import PoolingType
 
-from trainer.data.embedding_tables import embedding_bag_configs, embedding_configs
-from trainer.data.spec import FeatureSpec, SpecError, load_spec, spec_from_dict
+from data.spec import FeatureSpec, SpecError, load_spec, spec_from_dict
+from modules.embedding_tables import embedding_bag_configs, embedding_configs
 
 GOOD = textwrap.dedent(
     """
@@ -188,7 +188,7 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_python_construction_defaults_column_and_table():
-    from trainer.data.spec import Keys, Source, SparseFeature
+    from data.spec import Keys, Source, SparseFeature
 
     f = SparseFeature("country", "user", 20, 8)
     assert (f.column, f.table) == ("country", "country")

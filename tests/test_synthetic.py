@@ -12,12 +12,12 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from data.loader import EventLog
+from data.spec import load_spec
+from data.synthetic import generate
+from data.synthetic.cli import build_config, main
+from data.synthetic.simulate import History
 from tests.conftest import TINY
-from trainer.data.loader import EventLog
-from trainer.data.spec import load_spec
-from trainer.data.synthetic import generate
-from trainer.data.synthetic.cli import build_config, main
-from trainer.data.synthetic.simulate import History
 
 
 def _read(root, source):
@@ -150,12 +150,12 @@ def test_cli_writes_refuses_overwrite_and_bad_overrides(tmp_path, capsys):
 
 
 def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
-    from trainer.data.synthetic import generate as gen_module
+    from data.synthetic import generate as gen_module
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("trainer.data.synthetic.generator.write_part", boom)
+    monkeypatch.setattr("data.synthetic.generator.write_part", boom)
     with pytest.raises(RuntimeError):
         gen_module(tmp_path / "w", dataclasses.replace(TINY, days=1), seed=0)
     assert list(tmp_path.iterdir()) == []

@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.config import dump_config, load_config
+from data.loader import make_loader
+from data.spec import load_spec
 from modules.config import DERMConfig
 from modules.derm import build_derm
 from sharding.checkpoint import load_unsharded
 from tests.distributed import run_ranks
 from tests.test_derm_sharded import CONFIG
-from trainer.config import DataConfig, RunConfig, TrainConfig, dump_config, load_config
-from trainer.data.loader import make_loader
-from trainer.data.spec import load_spec
+from trainer.config import DataConfig, RunConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
@@ -50,7 +51,7 @@ def _local_state(model) -> dict[str, torch.Tensor]:
 
 
 def _two_ranks(rank: int, world_size: int, root: str, run_dir: str) -> dict:
-    from trainer.distributed import DistContext
+    from sharding.distributed import DistContext
     from trainer.loop import Trainer, run
 
     ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
@@ -94,6 +95,29 @@ def two_rank_run(tiny_world, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "cvr"
     ranks = run_ranks(_two_ranks, 2, str(tiny_world), str(run_dir), timeout=600)
     return ranks, run_dir
+
+
+def test_the_dry_run_predicts_the_plan_training_used(two_rank_run, tiny_world):
+    """``sharding.plan_cli.dry_run`` of the run's config (source, batch, model, sparse optimizer)
+    on as many ranks gives the plan the 2-rank training used, which it saved beside each snapshot."""
+    import json
+
+    from data.spec import load_spec
+    from sharding.plan_cli import dry_run
+    from sharding.planner import plan_to_json
+
+    _, run_dir = two_rank_run
+    config = _config(str(tiny_world), str(run_dir))
+    saved = [json.loads((s / "plan.json").read_text()) for s in sorted((run_dir / "snapshots").glob("day=*"))]
+    assert len(saved) == 3 and all(p == saved[0] for p in saved)
+    predicted = dry_run(load_spec(tiny_world / "spec.toml"), config.data.source, world_size=2, device_type="cpu",
+                        batch_size=config.data.batch_size, model_config=config.model, sparse_optimizer=config.optimizer.sparse)
+    assert predicted.fits
+    assert json.loads(json.dumps(plan_to_json(predicted.plan))) == saved[0]
+    layouts = {t["sharding_type"] for tables in saved[0].values() for t in tables.values()}
+    assert layouts <= {"data_parallel", "table_wise", "column_wise", "row_wise"} and "table_wise" in layouts
+    # Another batch size is another plan request: the dry run sizes buffers from it, as training does.
+    assert dry_run(load_spec(tiny_world / "spec.toml"), "cvr", 2, "cpu", batch_size=4096, model_config=config.model).fits
 
 
 def test_initial_training_lowers_the_loss_and_evaluates(two_rank_run):
@@ -169,7 +193,7 @@ def test_unknown_or_bad_config_is_refused_before_anything_starts(tmp_path):
     assert done.returncode == 2 and "data.batch_size must be >= 1" in done.stderr
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=r"model.user_dhen: dhen.layers\[0\] must be two of"):
-        load_config(None, ['model.user_dhen.layers=[["lstm", "mlp"]]'])
+        load_config(None, ['model.user_dhen.layers=[["lstm", "mlp"]]'], RunConfig)
 
 
 def test_bad_snapshots_are_refused_and_nothing_is_touched(two_rank_run, tiny_world, tmp_path):
@@ -222,7 +246,7 @@ def test_the_users_torchx_command_trains_two_ranks_and_snapshots(tiny_world, tmp
 
 def _two_rank_train_day(rank: int, world_size: int, root: str, run_dir: str) -> None:
     """A few steps on day 1, snapshotted (the fixture behind tests of snapshot consumers)."""
-    from trainer.distributed import DistContext
+    from sharding.distributed import DistContext
     from trainer.loop import run
 
     ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")

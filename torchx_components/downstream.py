@@ -1,4 +1,4 @@
-"""Downstream training jobs: a CTR or CVR model on DERM embeddings, ``trainer/downstream.py``.
+"""Downstream training jobs: a CTR or CVR model on DERM embeddings, ``trainer/main.py --task downstream``.
 
 Like the upstream training components, a ``torchx.components.dist.ddp`` (torchrun) job with the
 trainer's arguments filled in; trainer overrides (``--section.field=value``) go after ``--``::
@@ -17,7 +17,7 @@ import torchx.specs as specs
 from torchx_components.jobs import documented_job_args, split_days, torchrun_job
 from torchx_components.train import DERM_IMAGE, _trainer_args
 
-DOWNSTREAM_SCRIPT = "trainer/downstream.py"
+DOWNSTREAM_SCRIPT = "trainer/main.py"
 
 
 @documented_job_args
@@ -44,7 +44,7 @@ def train(
     debug: bool = False,
 ) -> specs.AppDef:
     """
-    Trains and evaluates a downstream CTR or CVR model that reads DERM embeddings: ``trainer/downstream.py``.
+    Trains and evaluates a downstream CTR or CVR model that reads DERM embeddings: ``trainer/main.py --task downstream``.
 
     Initial mode trains ``days`` from scratch; incremental mode loads the latest snapshot before
     ``day`` from the run directory and trains ``day``. Either evaluates on ``eval_day`` (default: the
@@ -62,8 +62,8 @@ def train(
     if kind not in ("ctr", "cvr"):
         raise ValueError(f"--kind {kind!r}: expected ctr or cvr")
     for arg in overrides:
-        if arg.split("=", 1)[0] == "--kind":
-            raise ValueError(f"trainer override {arg!r}: the component sets --kind; use its --kind instead")
+        if arg.split("=", 1)[0] in ("--kind", "--task"):
+            raise ValueError(f"trainer override {arg!r}: the component sets --task and --kind; use its --kind instead")
     if mode == "initial":
         if day:
             raise ValueError("--day is for --mode incremental; initial mode takes --days")
@@ -75,7 +75,7 @@ def train(
     else:
         raise ValueError(f"--mode {mode!r}: expected initial or incremental")
     mode_args += ["--eval-day", eval_day] if eval_day else []
-    args = [f"--kind={kind}", *_trainer_args(mode_args, config, overrides)]
+    args = ["--task=downstream", f"--kind={kind}", *_trainer_args(mode_args, config, overrides)]
     return torchrun_job(
         DOWNSTREAM_SCRIPT, args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env,
         max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug,

@@ -6,7 +6,6 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar
 import torchx.specs as specs
 from torchx.components import dist as builtin_dist
 
-
 # The job parameters every component shares, documented once: ``documented_job_args`` adds these
 # lines to a component's ``Args:`` (what ``torchx run COMPONENT --help`` prints).
 JOB_ARG_DOCS = {

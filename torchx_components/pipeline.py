@@ -1,4 +1,4 @@
-"""The daily pipeline as a job: ``python -m trainer.pipeline`` in one small container, which then
+"""The daily pipeline as a job: ``python -m pipeline`` in one small container, which then
 submits every step of the day (upstream training, lifecycle, downstream) as its own job to
 ``--jobs_scheduler`` — e.g. a Kubernetes CronJob-style driver whose steps run as Volcano jobs::
 
@@ -6,7 +6,7 @@ submits every step of the day (upstream training, lifecycle, downstream) as its 
     torchx run --dryrun -s kubernetes pipeline.daily --image reg/derm:1 --jobs_scheduler kubernetes \\
         -- --data=/mnt/derm/data --work=/mnt/derm/pipeline --j=2x8 --gpu=8
 
-Pipeline settings (``--key=value``, see ``trainer/pipeline.py``) go after ``--``; the driver passes
+Pipeline settings (``--key=value``, see ``pipeline/driver.py``) go after ``--``; the driver passes
 its own image to the steps unless ``--image=`` is among them.
 """
 from typing import Dict, List, Optional
@@ -32,7 +32,7 @@ def daily(
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
     """
-    Runs the daily DERM pipeline driver (``python -m trainer.pipeline``), which submits each step as its own job.
+    Runs the daily DERM pipeline driver (``python -m pipeline``), which submits each step as its own job.
 
     The driver only submits and waits; a re-run skips the steps already done, so retries are safe.
 
@@ -59,4 +59,4 @@ def daily(
     if not any(s.startswith("--image=") for s in settings):
         args.append(f"--image={image}")
     args += list(settings)
-    return python_module_job(name, image, "trainer.pipeline", args, cpu, memMB, h, env, max_retries, mounts)
+    return python_module_job(name, image, "pipeline", args, cpu, memMB, h, env, max_retries, mounts)

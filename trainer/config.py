@@ -1,5 +1,8 @@
-"""The run config: one TOML file per run plus ``--section.field=value`` overrides, read into typed,
-frozen dataclasses, validated before any process group starts, unknown keys rejected.
+"""The run configs of the training job's two tasks (``trainer/main.py --task``): :class:`RunConfig`
+for an upstream DERM model, :class:`DownstreamRunConfig` for a downstream CTR / CVR model. One TOML
+file per run plus ``--section.field=value`` overrides, read by the strict parser of
+``common.config`` into typed, frozen dataclasses, validated before any process group starts,
+unknown keys rejected. Nothing here imports torch.
 
 Example ``run.toml``::
 
@@ -26,21 +29,16 @@ The resolved config is written beside the outputs (``RUN_DIR/config.toml``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import tomllib
-import types
-import typing
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import tomli_w
-
-from modules.config import DERMConfig
-from modules.precision import MIXED_PRECISION_MODES
-from sharding.dmp import OptimizerConfig
-from trainer.data.synthetic.config import PRESETS
+from common.config import load_config
+from data.synthetic.config import PRESETS
+from modules.config import MIXED_PRECISION_MODES, DERMConfig
+from modules.downstream_config import DOWNSTREAM_KINDS, DownstreamConfig
+from sharding.config import OptimizerConfig
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ class TrainConfig:
     none elsewhere."""
     threads: int = 0
     """Intra-op CPU threads per rank; 0: the cores this process may use // ranks on this host
-    (``trainer.distributed.set_threads``). On a shared machine, set the cores that are yours."""
+    (``sharding.distributed.set_threads``). On a shared machine, set the cores that are yours."""
 
 
 @dataclass(frozen=True)
@@ -133,103 +131,104 @@ def check_data_train(d: DataConfig, t: TrainConfig) -> None:
         raise ValueError("train.log_every must be >= 1, train.max_steps_per_day and data.num_workers >= 0")
 
 
-# ---- loading -----------------------------------------------------------------------------------
+# ---- downstream models (paper §3.2, §4.1) -----------------------------------------------------
+
+DERM_NAME = re.compile(r"^(?P<source>[a-z0-9]+)_(?P<entity>user|pin)$")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
-    """The config of ``path`` (or the defaults) with ``section.field=value`` overrides applied, as
-    ``cls`` (:class:`RunConfig`, or :class:`trainer.downstream.DownstreamRunConfig`).
-    Values are TOML (``3``, ``0.1``, ``true``, ``["a", "b"]``); bare words are strings."""
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
-    for item in overrides:
-        key, sep, value = item.lstrip("-").partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected --section.field=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p} is not a section")
-        node[leaf] = _parse_value(value)
-    where = str(path) if path else "config"
-    return from_dict(cls, raw, where)
+@dataclass(frozen=True)
+class DERMJoinConfig:
+    """Which DERM embeddings a downstream model reads, and where they are served from."""
+
+    features: tuple[str, ...] = ()
+    """Embeddings to read, each ``{upstream source}_{user|pin}``: any subset of ``ctr_user``,
+    ``ctr_pin``, ``cvr_user``, ``cvr_pin`` (Tables 2 and 4). Empty: the no-DERM baseline."""
+    store_root: str = ""
+    """Folder of embedded feature stores, one per embedding: ``{store_root}/{source}-{entity}``."""
+    redis_url: str = ""
+    """Read from Redis instead (namespace ``{source}-{entity}``); overrides ``store_root``. No password
+    in it: the password comes from ``$DERM_REDIS_PASSWORD`` or the file named by
+    ``$DERM_REDIS_PASSWORD_FILE`` (embeddings.redis_store.redis_client)."""
+    version_pattern: str = "{source}-{entity}-{day}"
+    """Version published for a day (as ``embeddings.publish --version`` was given it)."""
+    lag_days: int = 1
+    """A row of day d reads the version of day d − lag_days (1: yesterday's, no leakage)."""
+    projection_dim: int = 32
+    """Width of each embedding after the projection layer (Appendix D.1); 0: no projection."""
+    standardize: bool = True
+    """Standardize each embedding dimension over the batch before the projection (BatchNorm1d;
+    see ``modules.downstream_config.DERMFeature.standardize``). Daily pools share a large common
+    direction, and a fresh projection barely sees the small per-dimension spread that tells
+    entities apart: without it, the `small` world's CTR model gains nothing from the four
+    embeddings (+0.08 ± 0.20 % ROC-AUC over 3 seeds); with it, +7.93 ± 0.67 % (docs/experiments.md,
+    "Reading the embeddings")."""
+    similarity: bool = False
+    """Also give the model the cosine ⟨user, Pin⟩ of each source whose user and Pin embeddings it
+    reads (``ctr_user`` with ``ctr_pin``, ``cvr_user`` with ``cvr_pin``): the score the upstream
+    model's contrastive task trains. An extension beyond the paper, reported as a row of its own."""
+
+    def __post_init__(self) -> None:
+        for name in self.features:
+            if not DERM_NAME.match(name):
+                raise ValueError(f"derm.features: {name!r} is not {{source}}_{{user|pin}}, e.g. 'ctr_user'")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"derm.features lists a name twice: {list(self.features)}")
+        if self.features and not (self.store_root or self.redis_url):
+            raise ValueError("derm.features needs derm.store_root (embedded stores) or derm.redis_url")
+        if self.redis_url:  # before the config is written to RUN_DIR/config.toml
+            from embeddings.redis_store import check_redis_url
+
+            check_redis_url(self.redis_url)
+        for key in ("{source}", "{entity}", "{day}"):
+            if key not in self.version_pattern:
+                raise ValueError(f"derm.version_pattern needs {key}, got {self.version_pattern!r}")
+        if self.similarity and not self.similarity_pairs():
+            raise ValueError(f"derm.similarity needs a source's user and Pin embeddings both in derm.features, got {list(self.features)}")
+        if self.lag_days < 0 or self.projection_dim < 0:
+            raise ValueError("derm.lag_days and derm.projection_dim must be >= 0")
+
+    def similarity_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The (user, Pin) embedding pairs whose cosine the model reads (empty unless ``similarity``)."""
+        if not self.similarity:
+            return ()
+        sources = dict.fromkeys(DERM_NAME.match(f)["source"] for f in self.features)
+        return tuple((f"{s}_user", f"{s}_pin") for s in sources if {f"{s}_user", f"{s}_pin"} <= set(self.features))
+
+    def store_name(self, feature: str) -> str:
+        """``ctr_user`` → ``ctr-user``: the store folder or Redis namespace of an embedding."""
+        m = DERM_NAME.match(feature)
+        return f"{m['source']}-{m['entity']}"
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare word: a string
+@dataclass(frozen=True)
+class DownstreamRunConfig:
+    """The run config of a downstream model (TOML sections as :class:`RunConfig`,
+    plus ``kind`` and ``[derm]``)."""
+
+    kind: str = "ctr"
+    """ctr: the MMoE of DCNv2 experts; cvr: the DHEN model (independent of ``data.source``)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_dir="runs/demo/downstream/ctr"))
+    model: DownstreamConfig = field(default_factory=DownstreamConfig)
+    derm: DERMJoinConfig = field(default_factory=DERMJoinConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        check_data_train(self.data, self.train)
+        if self.kind not in DOWNSTREAM_KINDS:
+            raise ValueError(f"kind must be one of {DOWNSTREAM_KINDS}, got {self.kind!r}")
+        if self.model.derm or self.model.derm_similarity:
+            raise ValueError("set the DERM embeddings with [derm] features and similarity (their widths come from the stores), "
+                             "not model.derm or model.derm_similarity")
 
 
-def from_dict(cls: type, raw: Mapping[str, Any], where: str) -> Any:
-    """Builds dataclass ``cls`` from ``raw``, recursively, naming the key of any error."""
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{where} must be a table, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where != "config" else k) for k, v in raw.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+TASKS = {"upstream": RunConfig, "downstream": DownstreamRunConfig}
+"""``trainer/main.py --task``: the config class of each task."""
 
 
-def _convert(kind: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(kind):
-        return from_dict(kind, value, where)
-    origin = typing.get_origin(kind)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        args = typing.get_args(kind)
-        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(items) != len(value):
-            raise ValueError(f"{where} must have {len(items)} items, got {value!r}")
-        return tuple(_convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(items, value)))
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(kind):
-            try:
-                return _convert(option, value, where)
-            except ValueError:
-                continue
-        raise ValueError(f"{where}: {value!r} fits none of {kind}")
-    if kind is type(None):
-        if value is not None:
-            raise ValueError(f"{where} must be empty")
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind in (int, float, str, bool) and (type(value) is not kind):
-        raise ValueError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
-    return value
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """The dataclass as plain TOML-ready values."""
-    def clean(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: clean(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return clean(config)
-
-
-def dump_config(config: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(tomli_w.dumps(to_dict(config)))
-    os.replace(tmp, path)
+def load_run_config(task: str, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Any:
+    """The run config of ``task`` (upstream or downstream) from ``path`` (or the defaults) and
+    ``section.field=value`` overrides (:func:`common.config.load_config`)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    return load_config(path, list(overrides), TASKS[task])

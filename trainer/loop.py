@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,16 +27,19 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from modules.derm import build_derm
-from sharding.checkpoint import SnapshotError, load_snapshot, read_meta, save_snapshot
-from sharding.collectives import all_gather_ids
-from sharding.dmp import shard_model
-from trainer.config import RunConfig, to_dict
-from trainer.data.batch import Batch
-from trainer.data.loader import day_partitions, make_loader
-from trainer.data.spec import load_spec
-from trainer.distributed import DistContext
+from common.config import to_dict
+from common.files import write_json_atomic
+from data.batch import Batch
+from data.loader import day_partitions, make_loader
+from data.spec import load_spec
 from embeddings.representation import engagement_counts
+from modules.derm import build_derm
+from sharding.checkpoint import SnapshotError, latest_snapshot_before, load_snapshot, read_meta, save_snapshot, snapshot_path
+from sharding.collectives import all_gather_ids
+from sharding.distributed import DistContext
+from sharding.dmp import shard_model
+from sharding.planner import describe_plan
+from trainer.config import RunConfig
 from trainer.metrics import binary_metrics, embedding_quality
 
 log = logging.getLogger("derm.train")
@@ -66,7 +67,11 @@ class Trainer:
         task = self._build_task()
         task.set_mixed_precision(config.train.mixed_precision, ctx.device.type)
         log.info("mixed precision: %s (train.mixed_precision = %s)", task.autocast_dtype or "float32", config.train.mixed_precision)
-        self.model, self.optimizer = shard_model(task, ctx.device, config.optimizer)
+        self.model, self.optimizer = shard_model(task, ctx.device, config.optimizer, spec=self.spec.for_source(self.source),
+                                                 batch_size=config.data.batch_size)
+        if ctx.is_main:  # saved beside every snapshot too (plan.json)
+            log.info("sharding plan (%d rank(s), batch %d per rank):\n%s", ctx.world_size, config.data.batch_size,
+                     describe_plan(self.model.plan))
         # BatchNorm running statistics: each rank updates them from its own rows (DMP's DDP does not
         # broadcast buffers), so they are averaged over ranks after every step (_sync_norm_stats):
         # every rank then evaluates, and every snapshot holds, the same statistics.
@@ -264,7 +269,7 @@ class Trainer:
 
     # ---- snapshots --------------------------------------------------------------------------
     def snapshot_path(self, day: str) -> Path:
-        return self.snapshots / f"day={day}"
+        return snapshot_path(self.snapshots, day)
 
     def save(self, path: Path, day: str, day_step: int) -> Path:
         meta = {
@@ -287,8 +292,7 @@ class Trainer:
         return meta
 
     def latest_snapshot_before(self, day: str) -> Path | None:
-        done = sorted(p for p in self.snapshots.glob("day=*") if p.name[4:] < day and (p / "meta.json").exists())
-        return done[-1] if done else None
+        return latest_snapshot_before(self.snapshots, day)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -334,8 +338,8 @@ def run(config: RunConfig, ctx: DistContext, trainer_cls: type[Trainer] = Traine
         summary["global_step"] = trainer.global_step
         summary["snapshot"] = str(trainer.snapshot_path(days[-1]))
         if ctx.is_main:  # summary.json: the latest run; summaries/DAY.json: the run that ended on DAY
-            _write_json(trainer.run_dir / "summary.json", summary)
-            _write_json(trainer.run_dir / "summaries" / f"{days[-1]}.json", summary)
+            write_json_atomic(trainer.run_dir / "summary.json", summary)
+            write_json_atomic(trainer.run_dir / "summaries" / f"{days[-1]}.json", summary)
         return summary
     finally:
         trainer.close()
@@ -378,14 +382,6 @@ def _days(root: Path, source: str, key: str) -> list[str]:
     if not src.is_dir():
         raise ValueError(f"{src}: no such source directory")
     return day_partitions(src, key)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Writes ``path`` whole or not at all (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def _all_reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:

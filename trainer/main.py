@@ -1,4 +1,6 @@
-"""Train an upstream DERM model: the TorchX / torchrun script.
+"""The training job, the TorchX / torchrun script of both tasks: an upstream DERM model (``--task
+upstream``, the default; ``trainer.loop``) or a downstream CTR / CVR model on DERM embeddings
+(``--task downstream``; ``trainer.downstream``, docs/pipeline.md).
 
 With no arguments it trains the default config (the ctr model of the tiny synthetic world, which it
 generates into runs/demo/data if absent) on every day but the last, snapshots each day under
@@ -11,6 +13,7 @@ Usage::
     torchrun --nproc_per_node 2 trainer/main.py --config run.toml --mode initial --days 2026-01-01,2026-01-02
     python trainer/main.py --mode incremental --day 2026-01-03        # from the latest snapshot before it
     python trainer/main.py --data.source=cvr --train.run_dir=runs/demo/cvr --model.token_dim=64
+    python trainer/main.py --task downstream --kind=cvr --derm.features='["ctr_user"]' --derm.store_root=...
 
 Outputs in RUN_DIR: snapshots/day=YYYY-MM-DD/ (sharded, torch.distributed.checkpoint), tb/
 (TensorBoard), config.toml (the resolved config), summary.json (per-day throughput, evaluation).
@@ -27,14 +30,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchrun trainer/main.py): import from the repo root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from trainer.config import RunConfig, dump_config, load_config  # noqa: E402
-from trainer.log import setup_logging  # noqa: E402
+from common.config import dump_config  # noqa: E402
+from common.log import setup_logging  # noqa: E402
+from trainer.config import TASKS, load_run_config  # noqa: E402
 
 log = logging.getLogger("derm.main")
 
 
-def parse_args(argv: list[str] | None, config_cls: type = RunConfig, prog: str = "trainer/main.py", doc: str = __doc__):
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None):
+    """The task's run config from the command line (``trainer.config.load_run_config``)."""
+    p = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=list(TASKS), default="upstream",
+                   help="upstream: a DERM model (RunConfig); downstream: a CTR / CVR model on DERM embeddings "
+                        "(DownstreamRunConfig: kind, [derm]) (default: upstream)")
     p.add_argument("--config", help="run config TOML (default: built-in defaults)")
     p.add_argument("--mode", choices=["initial", "incremental"], help="sets train.mode")
     p.add_argument("--days", help="initial mode: comma-separated days to train, in order (sets train.days)")
@@ -53,16 +61,14 @@ def parse_args(argv: list[str] | None, config_cls: type = RunConfig, prog: str =
         overrides.append(f'train.day="{args.day}"')
     if args.eval_day:
         overrides.append(f'train.eval_day="{args.eval_day}"')
-    return load_config(args.config, overrides, cls=config_cls)
+    return args.task, load_run_config(args.task, args.config, overrides)
 
 
-def main(argv: list[str] | None = None, config_cls: type = RunConfig, prog: str = "trainer/main.py", doc: str = __doc__) -> int:
-    """Trains the upstream model (``RunConfig``) or, with ``config_cls=DownstreamRunConfig``, a
-    downstream one (trainer/downstream.py)."""
+def main(argv: list[str] | None = None) -> int:
+    """Trains the task's model, snapshots it each day and evaluates it; prints a summary table."""
     setup_logging()
-    downstream = config_cls is not RunConfig
     try:
-        config = parse_args(argv, config_cls, prog, doc)  # validated before any process group starts
+        task, config = parse_args(argv)  # validated before any process group starts
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -70,10 +76,10 @@ def main(argv: list[str] | None = None, config_cls: type = RunConfig, prog: str 
     # Imported here so that `--help` and config errors answer without loading TorchRec.
     import torch
 
+    from data.columns import DataError
+    from data.spec import SpecError
     from sharding.checkpoint import SnapshotError
-    from trainer.data.columns import DataError
-    from trainer.data.spec import SpecError
-    from trainer.distributed import init_distributed, shutdown
+    from sharding.distributed import init_distributed, shutdown
     from trainer.loop import run
 
     ctx = init_distributed(config.train.device, threads=config.train.threads)
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None, config_cls: type = RunConfig, prog: str 
             dump_config(config, Path(config.train.run_dir) / "config.toml")
         log.info("rank %d/%d on %s (%s), %d intra-op thread(s); run dir %s", ctx.rank, ctx.world_size, ctx.device,
                  ctx.backend, torch.get_num_threads(), config.train.run_dir)
-        if downstream:
+        if task == "downstream":
             from trainer.downstream import run_downstream
 
             summary = run_downstream(config, ctx)
@@ -130,7 +136,7 @@ def _summary_table(summary: dict, config) -> str:
     return "\n".join(lines)
 
 
-def _ensure_data(config: RunConfig, ctx) -> None:
+def _ensure_data(config, ctx) -> None:
     """Generates the synthetic world into a missing data root (rank 0; the others wait)."""
     import torch.distributed as dist
 
@@ -139,7 +145,7 @@ def _ensure_data(config: RunConfig, ctx) -> None:
         if not config.data.synthetic_preset:
             raise ValueError(f"{root}: no dataset (spec.toml) there, and data.synthetic_preset is empty")
         if ctx.is_main:
-            from trainer.data.synthetic import PRESETS, generate
+            from data.synthetic import PRESETS, generate
 
             log.info("no data in %s: generating the %s synthetic world there", root, config.data.synthetic_preset)
             generate(root, PRESETS[config.data.synthetic_preset], seed=0)

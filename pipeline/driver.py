@@ -11,7 +11,7 @@ One day ``d`` (all but the last day of the data, each evaluated on the next)::
                                                evaluated on d+1 (contrastive loss, spread, retrieval)
     stage 2  lifecycle ctr, lifecycle cvr      embeddings/daily.py: infer d, aggregate, publish version d,
                                                measure its representation quality (quality/<source>/day=d.json)
-    stage 3  downstream ctr + cvr models       trainer/downstream.py: train d reading versions d-1,
+    stage 3  downstream ctr + cvr models       trainer/main.py --task downstream: train d reading versions d-1,
              (with DERM, and the no-DERM        evaluate d+1 reading versions d; from the first day
              baseline, unless baseline=false)   that has versions d-1 (so not on the data's first day)
 
@@ -27,9 +27,9 @@ Jobs of one stage run concurrently (``max_parallel``). Outputs, under ``work``::
 
 Usage::
 
-    python -m trainer.pipeline                                     # the tiny world, 3 days, local_cwd
-    python -m trainer.pipeline --config configs/pipeline-demo.toml --max_parallel=1
-    python -m trainer.pipeline --scheduler=kubernetes --image=REGISTRY/derm:1 --j=1x8 --gpu=8 \\
+    python -m pipeline                                     # the tiny world, 3 days, local_cwd
+    python -m pipeline --config configs/pipeline-demo.toml --max_parallel=1
+    python -m pipeline --scheduler=kubernetes --image=REGISTRY/derm:1 --j=1x8 --gpu=8 \\
         --scheduler_args='{namespace = "derm"}' --work=/mnt/derm/pipeline --data=/mnt/derm/data
 
 Scheduler run options come from ``scheduler_args`` and, like the ``torchx`` CLI, from
@@ -51,7 +51,9 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # run as a script: import from the repo root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from trainer.data.synthetic.config import PRESETS  # noqa: E402
+from common.files import write_json_atomic  # noqa: E402
+from data.synthetic.config import PRESETS  # noqa: E402
+from sharding.snapshot_paths import is_snapshot, latest_snapshot_before, snapshot_path  # noqa: E402
 
 log = logging.getLogger("derm.pipeline")
 ENTITIES = ("user", "pin")
@@ -102,7 +104,7 @@ class PipelineConfig:
     """Also train each downstream model without DERM embeddings, for the lift."""
     similarity: bool = False
     """The DERM downstream models also read the cosine ⟨user, Pin⟩ of each source whose two
-    embeddings they read (``derm.similarity`` of trainer/downstream.py; beyond the paper)."""
+    embeddings they read (``derm.similarity`` of trainer.config.DERMJoinConfig; beyond the paper)."""
     min_positives: int = 100
     """A label with fewer positive rows on an eval day is reported as "too few positives (n)"
     rather than with an AUC that noise would dominate."""
@@ -113,7 +115,7 @@ class PipelineConfig:
     upstream_overrides: tuple[str, ...] = ()
     """Extra ``--section.field=value`` for trainer/main.py (e.g. ``--data.batch_size=1024``)."""
     downstream_overrides: tuple[str, ...] = ()
-    """Extra ``--section.field=value`` for trainer/downstream.py."""
+    """Extra ``--section.field=value`` for trainer/main.py --task downstream."""
 
     def __post_init__(self) -> None:
         if self.method not in ("acc", "ma", "ap"):
@@ -150,6 +152,7 @@ class Pipeline:
         self.data = Path(config.data)
         self.submitted: list[str] = []
         self._sources: list[str] | None = None
+        self._day_key = "day"  # the spec's day partition key (spec.keys.day), read with the sources
 
     # ---- the plan ---------------------------------------------------------------------------
     def sources(self) -> list[str]:
@@ -159,9 +162,10 @@ class Pipeline:
         return list(self._sources)
 
     def _plan_sources(self) -> list[str]:
-        from trainer.data.spec import load_spec
+        from data.spec import load_spec
 
         spec = load_spec(self.data / "spec.toml")
+        self._day_key = spec.keys.day
         wanted = list(self.config.sources) or list(spec.source_names)
         missing = [s for s in wanted if s not in spec.source_names]
         if missing:
@@ -216,18 +220,19 @@ class Pipeline:
         return i > 0 and all(is_published(self.work, s, on_disk[i - 1], self.config.ann) for s in self.sources())
 
     def _on_disk(self) -> list[str]:
-        from trainer.data.loader import day_partitions
+        from data.loader import day_partitions
 
         sources = self.sources()
         absent = [s for s in sources if not (self.data / s).is_dir()]
         if absent:
-            raise ValueError(f"{self.data}: no day partitions for source(s) {absent} (expected {self.data}/<source>/day=YYYY-MM-DD)")
-        return sorted(set.intersection(*(set(day_partitions(self.data / s)) for s in sources)))
+            raise ValueError(f"{self.data}: no day partitions for source(s) {absent} "
+                             f"(expected {self.data}/<source>/{self._day_key}=YYYY-MM-DD)")
+        return sorted(set.intersection(*(set(day_partitions(self.data / s, self._day_key)) for s in sources)))
 
     @staticmethod
     def _trained_before(run_dir: Path, day: str) -> bool:
         """A snapshot of an earlier day exists: train ``day`` incrementally from it."""
-        return any(p.name[4:] < day and (p / "meta.json").is_file() for p in (run_dir / "snapshots").glob("day=*"))
+        return latest_snapshot_before(run_dir / "snapshots", day) is not None
 
     def _variants(self) -> list[bool]:
         return [True, False] if self.config.baseline else [True]
@@ -243,7 +248,7 @@ class Pipeline:
     def threads_per_rank(self) -> int | None:
         """local_cwd runs a stage's jobs side by side on this host: each rank gets its share of the
         cores (``DERM_THREADS``), since OpenMP threads that lose their core to another job stall
-        (5-13x slower steps: ``trainer.distributed.set_threads``). None elsewhere: a cluster job owns its ``cpu``."""
+        (5-13x slower steps: ``sharding.distributed.set_threads``). None elsewhere: a cluster job owns its ``cpu``."""
         if self.config.scheduler != "local_cwd":
             return None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -265,14 +270,14 @@ class Pipeline:
                 return train.incremental(*args, day=day, name=f"derm/upstream-{source}-{day}", **self._resources())
             return train.initial(*args, days=day, name=f"derm/upstream-{source}-{day}", **self._resources())
 
-        return Step(f"upstream {source}", lambda: (run_dir / "snapshots" / f"day={day}" / "meta.json").is_file(), app)
+        return Step(f"upstream {source}", lambda: is_snapshot(snapshot_path(run_dir / "snapshots", day)), app)
 
     def _lifecycle(self, source: str, day: str) -> Step:
         from embeddings.daily import is_published
         from embeddings.version_quality import quality_path
         from torchx_components import lifecycle
 
-        snapshot = self.work / "upstream" / source / "snapshots" / f"day={day}"
+        snapshot = snapshot_path(self.work / "upstream" / source / "snapshots", day)
         c = self.config
 
         def app():
@@ -359,10 +364,7 @@ class Pipeline:
                 raise ValueError(f"{self.work} was made with other settings ({', '.join(differ)} differ; see {path}); "
                                  "use another work folder, or remove this one to start over")
             return
-        self.work.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".pipeline.json.tmp")
-        tmp.write_text(json.dumps(now, indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(path, now)
 
     def _run_stage(self, runner, day: str, steps: list[Step]) -> None:
         todo = [s for s in steps if not s.done()]
@@ -546,22 +548,22 @@ def _ensure_data(config: PipelineConfig) -> None:
         return
     if not config.synthetic_preset:
         raise ValueError(f"{root}: no dataset (spec.toml) there, and synthetic_preset is empty")
-    from trainer.data.synthetic import generate
+    from data.synthetic import generate
 
     log.info("no data in %s: generating the %s synthetic world there", root, config.synthetic_preset)
     generate(root, PRESETS[config.synthetic_preset], seed=0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="pipeline config TOML (flat keys of PipelineConfig)")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
         p.error(f"unrecognised arguments {bad}; settings are written --key=value")
 
-    from trainer.config import load_config
-    from trainer.log import setup_logging
+    from common.config import load_config
+    from common.log import setup_logging
 
     setup_logging()
     try:

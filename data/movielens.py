@@ -1,7 +1,7 @@
 """MovieLens-100K as a DERM dataset: the first real data our tests and experiments run on.
 
 Converts the MovieLens-100K ratings into the project's input contract (../shared/DESIGN.md,
-§Input contract; layout in ``trainer/data/dataset_writer.py``)::
+§Input contract; layout in ``data/dataset_writer.py``)::
 
     OUT/spec.toml                                  feature spec: sources ctr (click), cvr (conversion)
     OUT/ctr/day=YYYY-MM-DD/part-00000.parquet      impressions of the day, in event_time order
@@ -19,9 +19,9 @@ downloaded once into ``.cache/recbole``, or from a folder holding ``*.inter``, `
 
 Usage (CPU, about 5 s; the first run downloads the 2 MB wheel)::
 
-    python -m trainer.data.movielens --out runs/data/ml-100k
-    python -m trainer.data.movielens --out runs/data/ml-100k --negatives 4 --max-seq-len 50 --overwrite
-    python -m trainer.data.movielens --out /tmp/ml --source-dir ~/data/ml-100k   # own atomic files
+    python -m data.movielens --out runs/data/ml-100k
+    python -m data.movielens --out runs/data/ml-100k --negatives 4 --max-seq-len 50 --overwrite
+    python -m data.movielens --out /tmp/ml --source-dir ~/data/ml-100k   # own atomic files
 
 Glossary for shapes: N ratings, U users, I items, K negatives per rating, R = N * (1 + K) rows
 (impressions), L the max sequence length.
@@ -46,9 +46,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from trainer.data.dataset_writer import staged_output, write_part
-from trainer.data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
-from trainer.log import setup_logging
+from common.log import setup_logging
+from data.dataset_writer import staged_output, write_part
+from data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
 
 log = logging.getLogger("derm.data.movielens")
 

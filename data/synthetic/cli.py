@@ -2,10 +2,10 @@
 
 Usage::
 
-    python -m trainer.data.synthetic --preset tiny --out runs/data/tiny          # seconds
-    python -m trainer.data.synthetic --preset small --out runs/data/small        # ~1.8M rows
-    python -m trainer.data.synthetic --preset large --out /data/large --days 3   # 1M users, 2.6M rows/day
-    python -m trainer.data.synthetic --preset tiny --out X --set n_users=1000 --set drift_per_day=0.1
+    python -m data.synthetic --preset tiny --out runs/data/tiny          # seconds
+    python -m data.synthetic --preset small --out runs/data/small        # ~1.8M rows
+    python -m data.synthetic --preset large --out /data/large --days 3   # 1M users, 2.6M rows/day
+    python -m data.synthetic --preset tiny --out X --set n_users=1000 --set drift_per_day=0.1
 
 The same preset, overrides and seed always write the same bytes.
 """
@@ -17,9 +17,9 @@ import dataclasses
 import json
 import sys
 
-from trainer.data.synthetic.config import PRESETS, WorldConfig
-from trainer.data.synthetic.generator import generate
-from trainer.log import setup_logging
+from common.log import setup_logging
+from data.synthetic.config import PRESETS, WorldConfig
+from data.synthetic.generator import generate
 
 
 def build_config(preset: str, overrides: list[str]) -> WorldConfig:
@@ -42,7 +42,7 @@ def build_config(preset: str, overrides: list[str]) -> WorldConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.data.synthetic", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --overwrite)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="world size (default: tiny)")

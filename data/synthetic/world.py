@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.data.synthetic.config import WorldConfig
+from data.synthetic.config import WorldConfig
 
 SURFACES = ("home_feed", "related_pins", "search")
 SURFACE_MIX = np.array([0.5, 0.3, 0.2])

@@ -49,13 +49,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import tomli_w
+
+from common.files import write_text_atomic
 
 TOWERS = ("user", "pin", "interaction")
 POOLINGS = ("sum", "mean")
@@ -254,11 +255,7 @@ class FeatureSpec:
 
     def dump(self, path: str | os.PathLike) -> None:
         """Writes the spec as TOML, atomically (a reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=".spec-", delete=False) as tmp:
-            tomli_w.dump(self.to_dict(), tmp)
-        os.replace(tmp.name, path)
+        write_text_atomic(path, tomli_w.dumps(self.to_dict()))
 
 
 # ---- loading ---------------------------------------------------------------------------------

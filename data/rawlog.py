@@ -5,11 +5,11 @@ item ("Pin") key, a time and the labels becomes one source of a dataset (``ROOT/
 ``ROOT/<source>/day=YYYY-MM-DD/part-00000.parquet``) that every job of the project reads::
 
     # an impression log with real negatives: every row is an impression, click is 0 or 1
-    python -m trainer.data.rawlog --input clicks.csv --out runs/data/mylog --source ctr \\
+    python -m data.rawlog --input clicks.csv --out runs/data/mylog --source ctr \\
         --user user --item ad --time ts --labels click
     # a log without impressions (views and buys): every row is an interaction; 4 sampled
     # non-interactions per view, drawn by popularity, stand in for the impressions
-    python -m trainer.data.rawlog --input events.jsonl --out runs/data/shop --source cvr \\
+    python -m data.rawlog --input events.jsonl --out runs/data/shop --source cvr \\
         --user visitor --item product --time ts --time-unit ms \\
         --labels "view=event==view" "buy=event==transaction" --negatives 4
 
@@ -60,8 +60,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from trainer.data.dataset_writer import staged_output, write_part
-from trainer.data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, Source, SparseFeature
+from data.dataset_writer import staged_output, write_part
+from data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, Source, SparseFeature
 
 log = logging.getLogger("derm.data.rawlog")
 SECONDS_PER_DAY = 86_400
@@ -383,7 +383,7 @@ def convert(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.data.rawlog", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m data.rawlog", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="the raw log: .csv, .tsv, .parquet or .jsonl")
     p.add_argument("--out", required=True, help="dataset root to write (spec.toml, <source>/day=..., ids/)")
@@ -404,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     args = p.parse_args(argv)
 
-    from trainer.log import setup_logging
+    from common.log import setup_logging
 
     setup_logging()
     try:

@@ -1,4 +1,4 @@
-"""Streaming loader: a source's Parquet days -> :class:`~trainer.data.batch.Batch`es for one rank.
+"""Streaming loader: a source's Parquet days -> :class:`~data.batch.Batch`es for one rank.
 
 Partitioning. The chosen days' rows, in file order (days ascending, part files by name), form one
 sequence of N rows. Shard ``s`` of ``S = world_size * num_workers`` reads the contiguous rows
@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data.batch import Batch
-from trainer.data.columns import ColumnReader, DataError
-from trainer.data.spec import FeatureSpec, load_spec
+from data.batch import Batch
+from data.columns import ColumnReader, DataError
+from data.spec import FeatureSpec, load_spec
 
 log = logging.getLogger("derm.data.loader")
 

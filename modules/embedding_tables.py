@@ -13,7 +13,7 @@ from typing import Iterable
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 
-from trainer.data.spec import FeatureSpec, SequenceFeature, SparseFeature
+from data.spec import FeatureSpec, SequenceFeature, SparseFeature
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from trainer.data.synthetic.world import PLATFORMS, SURFACE_MIX, World
+from data.synthetic.world import PLATFORMS, SURFACE_MIX, World
 
 SECONDS_PER_DAY = 86_400
 TARGETED_FRAC = 0.6

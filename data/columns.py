@@ -1,4 +1,4 @@
-"""Arrow columns -> the tensors of a :class:`~trainer.data.batch.Batch`, with the input contract
+"""Arrow columns -> the tensors of a :class:`~data.batch.Batch`, with the input contract
 enforced on the way (DESIGN.md §Input contract: nothing silently dropped or guessed).
 
 :class:`ColumnReader` is built once per source from the spec. It checks a file's schema from its
@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.data.batch import Batch
-from trainer.data.spec import FeatureSpec
+from data.batch import Batch
+from data.spec import FeatureSpec
 
 
 class DataError(ValueError):

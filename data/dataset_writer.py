@@ -1,6 +1,6 @@
 """Writes event logs in the layout every reader of the project expects::
 
-    ROOT/spec.toml                                   the feature spec (trainer.data.spec)
+    ROOT/spec.toml                                   the feature spec (data.spec)
     ROOT/<source>/day=YYYY-MM-DD/part-00000.parquet  one or more parts per day, rows in time order
     ROOT/<extra>/...                                 anything else a producer adds (e.g. truth/)
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from common.files import staged_dir
 
 ROW_GROUP_ROWS = 65_536
 """Rows per Parquet row group: the loader's unit of reading, so it bounds its memory."""
@@ -49,17 +49,5 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
+    with staged_dir(out) as stage:
         yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, out)

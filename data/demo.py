@@ -7,8 +7,8 @@ this demo when the sharded trainer lands (``trainer/main.py``).
 
 Usage::
 
-    python -m trainer.demo                      # runs/demo/data, tiny preset
-    python -m trainer.demo --out /tmp/w --preset small --batch-size 2048
+    python -m data.demo                      # runs/demo/data, tiny preset
+    python -m data.demo --out /tmp/w --preset small --batch-size 2048
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from trainer.data.loader import make_loader
-from trainer.data.synthetic import PRESETS, generate
-from trainer.log import setup_logging
+from common.log import setup_logging
+from data.loader import make_loader
+from data.synthetic import PRESETS, generate
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m data.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo/data", help="where the world is (or will be) written")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="world size when generating")

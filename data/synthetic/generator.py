@@ -1,6 +1,6 @@
 """Writes a synthetic ads world to disk: both logs day by day, the spec, and the planted truth.
 
-Layout (see ``trainer.data.dataset_writer``)::
+Layout (see ``data.dataset_writer``)::
 
     OUT/spec.toml
     OUT/ctr/day=YYYY-MM-DD/part-NNNNN.parquet     engagement log (labels click, good_click)
@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from trainer.data.dataset_writer import staged_output, write_part
-from trainer.data.synthetic import world as world_model
-from trainer.data.synthetic.config import WorldConfig
-from trainer.data.synthetic.features import SOURCES, synthetic_spec
-from trainer.data.synthetic.simulate import DayState, Sampler
+from data.dataset_writer import staged_output, write_part
+from data.synthetic import world as world_model
+from data.synthetic.config import WorldConfig
+from data.synthetic.features import SOURCES, synthetic_spec
+from data.synthetic.simulate import DayState, Sampler
 
 log = logging.getLogger("derm.data.synthetic")
 

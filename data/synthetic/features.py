@@ -8,10 +8,10 @@ conversion sequences") and its conversion labels.
 
 from __future__ import annotations
 
-from trainer.data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
-from trainer.data.synthetic.config import WorldConfig
-from trainer.data.synthetic.simulate import N_ACTIONS
-from trainer.data.synthetic.world import N_AGE_BUCKETS, N_COUNTRIES, N_GENDERS, PLATFORMS, SURFACES
+from data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
+from data.synthetic.config import WorldConfig
+from data.synthetic.simulate import N_ACTIONS
+from data.synthetic.world import N_AGE_BUCKETS, N_COUNTRIES, N_GENDERS, PLATFORMS, SURFACES
 
 SOURCES = (
     Source("ctr", labels=("click", "good_click"), oracle={"click": "p_click", "good_click": "p_good_click"}),

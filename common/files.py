@@ -1,0 +1,74 @@
+"""Writes that a reader never sees half of: a file written beside its target and renamed over it,
+a folder staged beside its target and swapped into place. Every output of the project that another
+process may read while it is written goes through here (configs, specs, summaries, pools, snapshots,
+datasets, ANN indexes, the feature store's pointer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` to write; when the block ends without an error it
+    is renamed onto ``path`` (one ``os.replace``: readers open the old file or the new one),
+    otherwise removed. ``fsync`` flushes it to disk before the rename (pointers that must survive
+    a crash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
+    """Writes ``text`` to ``path`` whole or not at all."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
+    """Writes ``value`` as indented JSON to ``path`` whole or not at all."""
+    write_text_atomic(path, json.dumps(value, indent=1))
+
+
+def swap_dir(stage: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Moves the finished folder ``stage`` onto ``target``: an existing ``target`` is renamed
+    aside first and removed after, so ``target`` is at every moment either the old folder or the
+    new one (two renames; never a mix of both)."""
+    stage, target = Path(stage), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(stage, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, target)
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty folder beside ``out`` to fill; when the block ends without an error it
+    becomes ``out`` (:func:`swap_dir`), otherwise it is removed and ``out`` is as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    swap_dir(stage, out)

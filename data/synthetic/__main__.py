@@ -1,0 +1,3 @@
+from data.synthetic.cli import main
+
+raise SystemExit(main())

@@ -1,3 +1,0 @@
-from trainer.data.synthetic.cli import main
-
-raise SystemExit(main())
