@@ -2,7 +2,7 @@
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-quick bench clean
 
 $(STAMP): requirements/base.txt requirements/cpu.txt requirements/cuda.txt requirements/torchrec.txt pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -15,8 +15,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m pipeline --config configs/pipeline-demo.toml
 
+# Everything: unit, multi-process gloo, end-to-end and fault tests (README.md, Tests).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast tier for your own loop: every test not marked slow (no TorchX jobs, no end-to-end runs).
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Every benchmark prints a table; figures and machines are kept in docs/benchmarks.md and
 # docs/lifecycle.md. About 45 minutes on 2 cores.

@@ -37,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.redis_server, the one place that starts a redis-server
 
-from embeddings.store import EmbeddedStore, FeatureStore  # noqa: E402
+from embeddings.embedded_store import EmbeddedStore  # noqa: E402
+from embeddings.store import FeatureStore  # noqa: E402
 
 KEYS_PER_GET = 1000
 WRITE_CHUNK = 65_536

@@ -6,6 +6,7 @@ its errors before TorchRec loads."""
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import tomllib
@@ -21,7 +22,8 @@ from common.files import write_text_atomic
 
 def load_config(path: str | os.PathLike | None, overrides: list[str], cls: type) -> Any:
     """The config of ``path`` (or the defaults) with ``section.field=value`` overrides applied, as
-    ``cls`` (a frozen dataclass, e.g. ``trainer.config.RunConfig``).
+    ``cls`` (a frozen dataclass, e.g. ``trainer.config.RunConfig``); errors name the file and the
+    key (``run.toml: train.mode must be ...``).
     Values are TOML (``3``, ``0.1``, ``true``, ``["a", "b"]``); bare words are strings."""
     raw: dict[str, Any] = {}
     if path:
@@ -42,8 +44,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str], cls: type)
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p} is not a section")
         node[leaf] = _parse_value(value)
-    where = str(path) if path else "config"
-    return from_dict(cls, raw, where)
+    try:
+        return from_dict(cls, raw, "")
+    except ValueError as e:
+        raise type(e)(f"{path}: {e}" if path else str(e)) from None
 
 
 def _parse_value(text: str) -> Any:
@@ -53,20 +57,34 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: a string
 
 
+_ROOTS = ("", "config")
+"""Names of a whole file: its keys are named bare (``train.mode``, not ``config.train.mode``)."""
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def from_dict(cls: type, raw: Mapping[str, Any], where: str) -> Any:
-    """Builds dataclass ``cls`` from ``raw``, recursively, naming the key of any error."""
+    """Builds dataclass ``cls`` from ``raw``, recursively, naming the key of any error: unknown
+    keys, missing required ones (fields without a default), values of the wrong type, and the
+    ``ValueError`` of any ``__post_init__`` check. ``where`` names ``raw`` in messages ("" or
+    "config": a whole file, whose keys are named bare)."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where} must be a table, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    prefix = "" if where in _ROOTS else f"{where}: "
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where != "config" else k) for k, v in raw.items()}
+        raise ValueError(f"{prefix}unknown key(s) {unknown}; allowed: {sorted(names)}")
+    for f in fields:
+        if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{prefix}missing required key '{f.name}'")
+    kwargs = {k: _convert(hints[k], v, k if where in _ROOTS else f"{where}.{k}") for k, v in raw.items()}
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise type(e)(f"{prefix}{e}") from None
 
 
 def _convert(kind: Any, value: Any, where: str) -> Any:
@@ -88,14 +106,19 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
             except ValueError:
                 continue
         raise ValueError(f"{where}: {value!r} fits none of {kind}")
+    if origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be a table, got {value!r}")
+        key_kind, value_kind = typing.get_args(kind) or (Any, Any)
+        return {_convert(key_kind, k, where): _convert(value_kind, v, f"{where}.{k}") for k, v in value.items()}
     if kind is type(None):
         if value is not None:
             raise ValueError(f"{where} must be empty")
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind in (int, float, str, bool) and (type(value) is not kind):
-        raise ValueError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+    if kind in _KINDS and (type(value) is not kind):
+        raise ValueError(f"{where} must be {_KINDS[kind]}, got {value!r}")
     return value
 
 

@@ -56,6 +56,7 @@ from typing import Any, Iterable, Mapping
 
 import tomli_w
 
+from common.config import from_dict
 from common.files import write_text_atomic
 
 TOWERS = ("user", "pin", "interaction")
@@ -63,7 +64,6 @@ POOLINGS = ("sum", "mean")
 TRANSFORMS = ("none", "log1p")
 SIDE_KINDS = ("id", "value")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_REQUIRED = object()
 
 
 class SpecError(ValueError):
@@ -278,157 +278,17 @@ def load_spec(path: str | os.PathLike) -> FeatureSpec:
 
 
 def spec_from_dict(raw: Mapping[str, Any]) -> FeatureSpec:
-    """Builds a :class:`FeatureSpec` from parsed TOML, rejecting unknown keys."""
-    top = _Entry(raw, "spec")
-    name = top.str("name")
-    keys = Keys(**_Entry(top.table("keys", {}), "keys").fields(Keys))
-    sources = tuple(_source(t, f"sources[{i}]") for i, t in enumerate(top.tables("sources", required=True)))
-    sparse = tuple(_sparse(t, f"sparse[{i}]") for i, t in enumerate(top.tables("sparse")))
-    sequence = tuple(_sequence(t, f"sequence[{i}]") for i, t in enumerate(top.tables("sequence")))
-    dense = tuple(_dense(t, f"dense[{i}]") for i, t in enumerate(top.tables("dense")))
-    top.finish()
-    return FeatureSpec(name=name, keys=keys, sources=sources, sparse=sparse, sequence=sequence, dense=dense)
-
-
-def _source(raw: Mapping[str, Any], where: str) -> Source:
-    e = _Entry(raw, where)
-    out = Source(name=e.str("name"), labels=e.str_tuple("labels"), oracle=dict(e.str_map("oracle")))
-    e.finish()
-    return out
-
-
-def _sparse(raw: Mapping[str, Any], where: str) -> SparseFeature:
-    e = _Entry(raw, where)
-    name = e.str("name")
-    out = SparseFeature(
-        name=name,
-        tower=e.str("tower"),
-        num_embeddings=e.int("num_embeddings"),
-        embedding_dim=e.int("embedding_dim"),
-        column=e.str("column", name),
-        multi=e.bool("multi", False),
-        pooling=e.str("pooling", "sum"),
-        table=e.str("table", name),
-        sources=e.str_tuple("sources", ()),
-    )
-    e.finish()
-    return out
-
-
-def _sequence(raw: Mapping[str, Any], where: str) -> SequenceFeature:
-    e = _Entry(raw, where)
-    name = e.str("name")
-    side = []
-    for i, t in enumerate(e.tables("side")):
-        s = _Entry(t, f"{where}.side[{i}]")
-        side.append(
-            SideList(
-                name=s.str("name"),
-                column=s.str("column"),
-                kind=s.str("kind"),
-                num_embeddings=s.int("num_embeddings", 0),
-                transform=s.str("transform", "none"),
-            )
-        )
-        s.finish()
-    out = SequenceFeature(
-        name=name,
-        tower=e.str("tower"),
-        num_embeddings=e.int("num_embeddings"),
-        embedding_dim=e.int("embedding_dim"),
-        max_length=e.int("max_length"),
-        column=e.str("column", name),
-        table=e.str("table", name),
-        side=tuple(side),
-        sources=e.str_tuple("sources", ()),
-    )
-    e.finish()
-    return out
-
-
-def _dense(raw: Mapping[str, Any], where: str) -> DenseFeature:
-    e = _Entry(raw, where)
-    name = e.str("name")
-    out = DenseFeature(
-        name=name,
-        tower=e.str("tower"),
-        width=e.int("width", 1),
-        column=e.str("column", name),
-        transform=e.str("transform", "none"),
-        sources=e.str_tuple("sources", ()),
-    )
-    e.finish()
-    return out
-
-
-class _Entry:
-    """Typed, strict reads of one TOML table; :meth:`finish` rejects keys nobody read."""
-
-    def __init__(self, raw: Any, where: str) -> None:
-        if not isinstance(raw, Mapping):
-            raise SpecError(f"{where} must be a table, got {type(raw).__name__}")
-        self.raw, self.where, self.seen = raw, where, set()
-
-    def _get(self, key: str, default: Any) -> Any:
-        self.seen.add(key)
-        if key in self.raw:
-            return self.raw[key]
-        if default is _REQUIRED:
-            raise SpecError(f"{self.where}: missing required key '{key}'")
-        return default
-
-    def _bad(self, key: str, want: str, got: Any) -> SpecError:
-        return SpecError(f"{self.where}.{key} must be {want}, got {got!r}")
-
-    def str(self, key: str, default: Any = _REQUIRED) -> str:
-        v = self._get(key, default)
-        if not isinstance(v, str) or not v:
-            raise self._bad(key, "a non-empty string", v)
-        return v
-
-    def int(self, key: str, default: Any = _REQUIRED) -> int:
-        v = self._get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self._bad(key, "an integer", v)
-        return v
-
-    def bool(self, key: str, default: Any = _REQUIRED) -> bool:
-        v = self._get(key, default)
-        if not isinstance(v, bool):
-            raise self._bad(key, "true or false", v)
-        return v
-
-    def str_tuple(self, key: str, default: Any = _REQUIRED) -> tuple[str, ...]:
-        v = self._get(key, default)
-        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
-            raise self._bad(key, "a list of non-empty strings", v)
-        return tuple(v)
-
-    def str_map(self, key: str) -> Mapping[str, str]:
-        v = self._get(key, {})
-        if not isinstance(v, Mapping) or not all(isinstance(x, str) and x for x in v.values()):
-            raise self._bad(key, "a table of strings", v)
-        return v
-
-    def table(self, key: str, default: Any = _REQUIRED) -> Mapping[str, Any]:
-        v = self._get(key, default)
-        if not isinstance(v, Mapping):
-            raise self._bad(key, "a table", v)
-        return v
-
-    def tables(self, key: str, required: bool = False) -> list[Mapping[str, Any]]:
-        v = self._get(key, _REQUIRED if required else [])
-        if not isinstance(v, list) or (required and not v):
-            raise self._bad(key, "a non-empty array of tables ([[" + key + "]])", v)
-        return v
-
-    def fields(self, cls: type) -> dict[str, str]:
-        return {f.name: self.str(f.name, f.default) for f in dataclasses.fields(cls)}
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.raw) - self.seen)
-        if unknown:
-            raise SpecError(f"{self.where}: unknown key(s) {unknown}; allowed: {sorted(self.seen)}")
+    """Builds a :class:`FeatureSpec` from parsed TOML through the project's strict parser
+    (``common.config.from_dict``): unknown keys, missing required keys and values of the wrong
+    type are refused naming the key (``sparse[0].num_embeddings must be an integer``)."""
+    if isinstance(raw, Mapping) and "keys" not in raw:
+        raw = {**raw, "keys": {}}  # [keys] is optional in the file: the default column names
+    try:
+        return from_dict(FeatureSpec, raw, "")
+    except SpecError:
+        raise
+    except ValueError as e:
+        raise SpecError(str(e)) from None
 
 
 # ---- validation ------------------------------------------------------------------------------

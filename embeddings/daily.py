@@ -53,7 +53,7 @@ def ann_dir(work: Path, source: str, day: str) -> Path:
 def is_published(work: Path, source: str, day: str, ann: bool = False) -> bool:
     """True when both the user and the Pin versions of ``day`` are in the store and, with ``ann``,
     the Pin version's index is built (the day is done)."""
-    from embeddings.store import EmbeddedStore
+    from embeddings.embedded_store import EmbeddedStore
 
     for entity in ENTITIES:
         path = store_dir(work, source, entity)
@@ -68,10 +68,10 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
     import torch.distributed as dist
 
     from embeddings.aggregate import aggregate_day
+    from embeddings.embedded_store import EmbeddedStore
     from embeddings.infer import Embedder, infer_day
     from embeddings.pool import snapshot_dir
     from embeddings.publish import publish
-    from embeddings.store import EmbeddedStore
     from embeddings.version_quality import quality_path, write_quality
     from sharding.checkpoint import read_meta
     from sharding.distributed import init_distributed, shutdown

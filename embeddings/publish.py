@@ -40,7 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embeddings.store import EmbeddedStore, FeatureStore, check_version_name
+from embeddings.embedded_store import EmbeddedStore
+from embeddings.store import FeatureStore, check_version_name
 
 if TYPE_CHECKING:  # faiss is imported only when an index is built
     from embeddings.ann import AnnConfig

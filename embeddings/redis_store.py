@@ -45,7 +45,7 @@ import uuid
 import numpy as np
 import redis
 
-from embeddings.store import HISTORY_LIMIT, FeatureStore, VersionInfo, VersionWriter, as_embeddings, as_ids, check_version_name
+from embeddings.store import HISTORY_LIMIT, FeatureStore, VersionInfo, VersionWriter, as_ids, check_version_name
 
 # KEYS: staging, data, versions, pending. ARGV: version, meta JSON, expected count, token.
 _COMMIT = """
@@ -348,10 +348,7 @@ class _RedisWriter(VersionWriter):
         self._done = False
 
     def put(self, ids: np.ndarray, embeddings: np.ndarray) -> None:
-        if self._done:
-            raise ValueError(f"version {self.version!r} writer is closed (committed or aborted)")
-        ids = as_ids(ids)
-        emb = as_embeddings(embeddings, len(ids), self.dim, self.version)
+        ids, emb = self._rows_of(ids, embeddings)
         if len(np.unique(ids)) != len(ids):
             raise ValueError(f"version {self.version!r} has duplicate ids within one put; ids must be unique")
         store = self.store

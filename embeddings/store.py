@@ -1,10 +1,11 @@
-"""Versioned key-value feature store for entity embeddings (paper Appendix C.2-C.3), and its
-embedded default backend.
+"""Versioned key-value feature store for entity embeddings (paper Appendix C.2-C.3): the interface
+every backend implements, and the checks they share. The backends: ``embeddings.embedded_store``
+(the default: a local directory, no server) and ``embeddings.redis_store`` (serving).
 
 Each daily pool is published as a new **immutable version**; serving reads the **active** one.
 Publishing never changes what readers see until one atomic `activate`, and `rollback` undoes it:
 
-    store = EmbeddedStore("runs/store")
+    store = EmbeddedStore("runs/store")    # embeddings.embedded_store
     with store.begin_version("ctr-user-2026-01-03", dim=64) as writer:
         for ids, emb in chunks:            # ids [B] int64, emb [B, E] float32
             writer.put(ids, emb)
@@ -24,32 +25,18 @@ Rules shared by every backend (`tests/test_store.py` runs one suite over all of 
 - `get` resolves the active version once per call and reads only that immutable version, so a
   batch never mixes two versions, whatever `activate` runs concurrently.
 
-The Redis backend for serving is `embeddings/redis_store.py`.
 """
 
 from __future__ import annotations
 
 import abc
-import collections
-import contextlib
 import dataclasses
-import fcntl
-import json
-import os
 import re
-import shutil
-import time
-import uuid
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from common.files import write_text_atomic
-
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,199}")
 HISTORY_LIMIT = 100  # previous active versions remembered for rollback
-OPEN_VERSIONS = 4  # memory-mapped versions an EmbeddedStore keeps open (the active one, rollbacks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +88,15 @@ class VersionWriter(abc.ABC):
 
     version: str
     dim: int
+    _done: bool
+    """Committed or aborted: no more rows."""
+
+    def _rows_of(self, ids: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``put``'s arguments checked and converted (every backend's first step)."""
+        if self._done:
+            raise ValueError(f"version {self.version!r} writer is closed (committed or aborted)")
+        ids = as_ids(ids)
+        return ids, as_embeddings(embeddings, len(ids), self.dim, self.version)
 
     @abc.abstractmethod
     def put(self, ids: np.ndarray, embeddings: np.ndarray) -> None:
@@ -174,328 +170,3 @@ class FeatureStore(abc.ABC):
         with self.begin_version(version, dim=emb.shape[1]) as writer:
             writer.put(ids, emb)
             return writer.commit()
-
-
-# ---------------------------------------------------------------------------------------------
-# Embedded backend: a directory of immutable numpy files, no server.
-#
-#   ROOT/ACTIVE                       {"active": name, "history": [older, ..., previous]} (os.replace)
-#   ROOT/versions/NAME/ids.npy        [V_n] int64, sorted ascending
-#   ROOT/versions/NAME/slots.npy      [2^b] int64, hash table: id -> row (b: 2 * V_n <= 2^b)
-#   ROOT/versions/NAME/emb.npy        [V_n, E] float32, rows in the order of ids.npy
-#   ROOT/versions/NAME/meta.json      {"dim", "count", "created"}
-#   ROOT/staging/NAME@TOKEN/          a version being written; renamed into versions/ on commit
-#                                     (a writer killed mid-way leaves it behind: delete it by hand)
-#   ROOT/.lock                        flock held by writers of ACTIVE and versions/ (never by get)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _OpenVersion:
-    ids: np.ndarray  # [V_n] int64, sorted, memory-mapped
-    slots: np.ndarray  # [2^b] int64, hash table of row numbers (see lookup_rows)
-    emb: np.ndarray  # [V_n, E] float32, memory-mapped
-    stamp: tuple[int, int]  # meta.json's (inode, mtime): a version deleted and written again differs
-
-
-class EmbeddedStore(FeatureStore):
-    """The default backend: one local directory, no server (see the layout above).
-
-    Atomicity: a version is built in ``staging/`` and appears in ``versions/`` by one directory
-    rename; the active pointer is one small file swapped by ``os.replace``. A reader opens the
-    pointer file once per `get`, sees either the old or the new one, and reads only that version,
-    whose files never change: no mix is possible. Mutations of the pointer take an ``flock`` so
-    that two concurrent `activate`/`rollback` calls cannot lose each other's history.
-
-    Versions are memory-mapped (``np.load(mmap_mode="r")``) and cached per process; a lookup of N
-    ids is a few vectorised hash-probe rounds plus one gather (~0.1 ms for 1,000 ids at 1M
-    entities once the pages are cached).
-
-    Args:
-        root: the store directory (created if missing).
-        sort_block_rows: rows per block when a commit sorts the version into place (bounds memory).
-    """
-
-    def __init__(self, root: str | os.PathLike, sort_block_rows: int = 262_144) -> None:
-        self.root = Path(root)
-        self.sort_block_rows = sort_block_rows
-        (self.root / "versions").mkdir(parents=True, exist_ok=True)
-        (self.root / "staging").mkdir(exist_ok=True)
-        # Open versions, most recently used last. Bounded: a serving process that lives for months
-        # must let go of the mappings of versions deleted by the publisher, or their disk space
-        # stays in use.
-        self._open: collections.OrderedDict[str, _OpenVersion] = collections.OrderedDict()
-
-    def __repr__(self) -> str:
-        return f"EmbeddedStore({str(self.root)!r})"
-
-    # -- pointer file ------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-    def _read_pointer(self) -> dict:
-        try:
-            with open(self.root / "ACTIVE", "rb") as fh:
-                return json.loads(fh.read())
-        except FileNotFoundError:
-            return {"active": None, "history": []}
-
-    def _write_pointer(self, state: dict) -> None:
-        # atomic: readers open the old pointer or the new one; on disk before the rename
-        write_text_atomic(self.root / "ACTIVE", json.dumps(state), fsync=True)
-
-    # -- versions ----------------------------------------------------------------------------
-
-    def _version_dir(self, version: str) -> Path:
-        return self.root / "versions" / version
-
-    def _is_pending(self, version: str) -> bool:
-        return any((self.root / "staging").glob(f"{version}@*"))
-
-    def _require_committed(self, version: str) -> Path:
-        check_version_name(version)
-        path = self._version_dir(version)
-        if (path / "meta.json").exists():
-            return path
-        if self._is_pending(version):
-            raise ValueError(f"version {version!r} is not committed (a write of it was started and never committed)")
-        raise ValueError(f"unknown version {version!r} (committed versions: {self.versions()})")
-
-    def begin_version(self, version: str, dim: int) -> VersionWriter:
-        check_version_name(version)
-        if not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if self._version_dir(version).exists():
-            raise ValueError(f"duplicate version {version!r}: versions are immutable; publish under a new name")
-        return _EmbeddedWriter(self, version, int(dim))
-
-    def versions(self) -> list[str]:
-        infos = []
-        for path in (self.root / "versions").iterdir():
-            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
-                infos.append(self._info(path.name))
-        return [i.name for i in sorted(infos, key=lambda i: (i.created, i.name))]
-
-    def _info(self, version: str) -> VersionInfo:
-        meta = json.loads((self._version_dir(version) / "meta.json").read_text())
-        return VersionInfo(version, meta["dim"], meta["count"], meta["created"])
-
-    def version_info(self, version: str) -> VersionInfo:
-        self._require_committed(version)
-        return self._info(version)
-
-    def active_version(self) -> str | None:
-        return self._read_pointer()["active"]
-
-    def activate(self, version: str) -> None:
-        with self._locked():
-            self._require_committed(version)
-            state = self._read_pointer()
-            if state["active"] == version:
-                return
-            history = state["history"] + ([state["active"]] if state["active"] else [])
-            self._write_pointer({"active": version, "history": history[-HISTORY_LIMIT:]})
-
-    def rollback(self) -> str:
-        with self._locked():
-            state = self._read_pointer()
-            if not state["history"]:
-                raise ValueError(f"nothing to roll back to: no version was active before {state['active']!r}")
-            previous = state["history"][-1]
-            self._write_pointer({"active": previous, "history": state["history"][:-1]})
-            return previous
-
-    def delete_version(self, version: str) -> None:
-        with self._locked():
-            path = self._require_committed(version)
-            state = self._read_pointer()
-            if state["active"] == version:
-                raise ValueError(f"refusing to delete the active version {version!r}: activate another one first")
-            if version in state["history"]:
-                self._write_pointer({"active": state["active"], "history": [v for v in state["history"] if v != version]})
-            # Rename first, so the name disappears atomically; then remove the files.
-            trash = self.root / "staging" / f".deleted-{version}.{uuid.uuid4().hex}"
-            os.rename(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        with contextlib.suppress(KeyError):
-            del self._open[version]
-
-    # -- reads -------------------------------------------------------------------------------
-
-    def _open_version(self, version: str) -> _OpenVersion:
-        path = self._version_dir(version)
-        st = os.stat(path / "meta.json")  # FileNotFoundError if deleted
-        stamp = (st.st_ino, st.st_mtime_ns)
-        cached = self._open.get(version)
-        if cached is not None and cached.stamp == stamp:
-            with contextlib.suppress(KeyError):  # evicted meanwhile by another thread: still valid
-                self._open.move_to_end(version)
-            return cached
-        opened = _OpenVersion(
-            ids=np.load(path / "ids.npy", mmap_mode="r"),
-            slots=np.load(path / "slots.npy", mmap_mode="r"),
-            emb=np.load(path / "emb.npy", mmap_mode="r"),
-            stamp=stamp,
-        )
-        self._open[version] = opened
-        while len(self._open) > OPEN_VERSIONS:
-            self._open.popitem(last=False)
-        return opened
-
-    def get(self, ids: np.ndarray, version: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        query = as_ids(ids)
-        for attempt in range(3):
-            name = version if version is not None else self.active_version()
-            if name is None:
-                raise ValueError("no active version: publish and activate one first (or pass version=)")
-            try:
-                opened = self._open_version(check_version_name(name))
-                break
-            except FileNotFoundError:
-                # Only possible when the version we resolved was deactivated and deleted in between;
-                # resolve the pointer again. An explicit version gets the usual error.
-                if version is not None or attempt == 2:
-                    self._require_committed(name)
-                    raise
-        return lookup_rows(opened.ids, opened.slots, opened.emb, query)
-
-
-# Lookups go through an open-addressing hash table (linear probing, load <= 0.5) built at commit:
-# binary search over millions of ids costs ~20 dependent cache misses per id (~300 us for 1,000
-# ids at 1M entities); a vectorised probe round touches ~1 slot per id, ~5x faster. numpy has no
-# hash lookup of its own, hence these few lines.
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: multiply, keep the top bits
-
-
-def _slot_of(ids: np.ndarray, bits: int) -> np.ndarray:
-    return ((ids.view(np.uint64) * _GOLDEN) >> np.uint64(64 - bits)).astype(np.int64)
-
-
-def build_slots(sorted_ids: np.ndarray) -> np.ndarray:
-    """Hash table over ``sorted_ids`` [V_n]: [2^b] int64 row numbers, -1 for empty slots."""
-    bits = max(1, int(np.ceil(np.log2(max(2 * len(sorted_ids), 2)))))
-    mask = (1 << bits) - 1
-    slots = np.full(1 << bits, -1, np.int64)
-    pending = np.arange(len(sorted_ids))
-    slot = _slot_of(sorted_ids, bits)
-    while len(pending):  # each round places, per free slot, the first id that wants it
-        free = np.flatnonzero(slots[slot] < 0)
-        _, first = np.unique(slot[free], return_index=True)
-        won = free[first]
-        slots[slot[won]] = pending[won]
-        lost = np.ones(len(pending), bool)
-        lost[won] = False
-        pending, slot = pending[lost], (slot[lost] + 1) & mask
-    return slots
-
-
-def lookup_rows(
-    sorted_ids: np.ndarray, slots: np.ndarray, emb: np.ndarray, query: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``emb`` [V_n, E] for ``query`` [N]; zeros and found=False where missing."""
-    n, dim = len(query), emb.shape[1]
-    row = np.full(n, -1, np.int64)
-    if len(sorted_ids):
-        bits, mask = len(slots).bit_length() - 1, len(slots) - 1
-        todo, slot = np.arange(n), _slot_of(query, bits)
-        while len(todo):  # probe until the id or an empty slot is met
-            cand = slots[slot]
-            hit = cand >= 0
-            hit[hit] = sorted_ids[cand[hit]] == query[todo[hit]]
-            row[todo[hit]] = cand[hit]
-            go_on = ~hit & (cand >= 0)
-            todo, slot = todo[go_on], (slot[go_on] + 1) & mask
-    found = row >= 0
-    out = np.zeros((n, dim), np.float32)
-    out[found] = emb[row[found]]
-    return out, found
-
-
-class _EmbeddedWriter(VersionWriter):
-    """Appends chunks to staging files; `commit` sorts them by id into the final, memory-mapped
-    layout block by block (memory: 8 bytes per id plus one block of rows) and renames the staging
-    directory into ``versions/``."""
-
-    def __init__(self, store: EmbeddedStore, version: str, dim: int) -> None:
-        self.store, self.version, self.dim = store, version, dim
-        self.staging = store.root / "staging" / f"{version}@{uuid.uuid4().hex}"  # '@': never in a name
-        self.staging.mkdir()
-        self._ids: list[np.ndarray] = []
-        self._rows = 0
-        self._raw = open(self.staging / "emb.unsorted.f32", "wb")
-        self._done = False
-
-    def put(self, ids: np.ndarray, embeddings: np.ndarray) -> None:
-        if self._done:
-            raise ValueError(f"version {self.version!r} writer is closed (committed or aborted)")
-        ids = as_ids(ids)
-        emb = as_embeddings(embeddings, len(ids), self.dim, self.version)
-        self._raw.write(emb.tobytes())
-        self._ids.append(ids.copy())
-        self._rows += len(ids)
-
-    def commit(self) -> VersionInfo:
-        if self._done:
-            raise ValueError(f"version {self.version!r} writer is closed (committed or aborted)")
-        self._raw.close()
-        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-        if len(dup):
-            self.abort()
-            example = int(sorted_ids[dup[0]])
-            raise ValueError(f"version {self.version!r} has duplicate ids (e.g. {example}); ids must be unique")
-        np.save(self.staging / "ids.npy", sorted_ids)
-        np.save(self.staging / "slots.npy", build_slots(sorted_ids))
-        self._write_sorted_rows(order)
-        created = time.time()
-        (self.staging / "meta.json").write_text(json.dumps({"dim": self.dim, "count": int(len(ids)), "created": created}))
-        _fsync_dir_files(self.staging)
-        target = self.store._version_dir(self.version)
-        with self.store._locked():
-            if target.exists():
-                self.abort()
-                raise ValueError(f"duplicate version {self.version!r}: it was committed meanwhile by another writer")
-            os.rename(self.staging, target)  # atomic: the version appears whole or not at all
-        self._done = True
-        return VersionInfo(self.version, self.dim, int(len(ids)), created)
-
-    def _write_sorted_rows(self, order: np.ndarray) -> None:
-        n = len(order)
-        raw_path = self.staging / "emb.unsorted.f32"
-        out = np.lib.format.open_memmap(self.staging / "emb.npy", mode="w+", dtype=np.float32, shape=(n, self.dim))
-        if n:
-            src = np.memmap(raw_path, dtype=np.float32, mode="r", shape=(n, self.dim))
-            for start in range(0, n, self.store.sort_block_rows):
-                block = order[start : start + self.store.sort_block_rows]
-                out[start : start + len(block)] = src[block]
-            del src
-        out.flush()
-        del out
-        raw_path.unlink()
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._raw.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def _fsync_dir_files(path: Path) -> None:
-    """Flushes a version's files to disk before it is renamed into place (a crash right after
-    the rename must not leave a visible version with missing data)."""
-    for child in path.iterdir():
-        fd = os.open(child, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

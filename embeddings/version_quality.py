@@ -22,7 +22,7 @@ from embeddings.daily import ENTITIES, ann_dir, store_dir, version_name
 
 if TYPE_CHECKING:
     from data.spec import FeatureSpec
-    from embeddings.store import EmbeddedStore
+    from embeddings.embedded_store import EmbeddedStore
 
 log = logging.getLogger("derm.embeddings.quality")
 QUALITY_ROWS = 20_000
@@ -77,8 +77,8 @@ def measure_versions(work: Path, data: Path, source: str, day: str, max_rows: in
     """
     from data.loader import day_partitions
     from data.spec import load_spec
+    from embeddings.embedded_store import EmbeddedStore
     from embeddings.pool import read_pool, snapshot_dir
-    from embeddings.store import EmbeddedStore
 
     rng = np.random.default_rng(seed)
     report: dict = {"source": source, "day": day}

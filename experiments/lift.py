@@ -226,13 +226,15 @@ class Experiment:
     def __init__(self, dataset: str, data: Path, out: Path, seed: int, ctx, upstream_steps_per_day: int | None = None,
                  embed: str = "daily", protocol_file: Path | None = None) -> None:
         from data.loader import day_partitions
+        from data.spec import load_spec
 
         if embed not in EMBED_MODES:
             raise ValueError(f"embed {embed!r}: expected one of {', '.join(EMBED_MODES)}")
         self.dataset, self.data, self.seed, self.ctx, self.embed = dataset, data, seed, ctx, embed
         self.out = out
         self.work = out / f"seed={seed}"
-        days = sorted(set(day_partitions(data / "ctr")) & set(day_partitions(data / "cvr")))
+        key = load_spec(data / "spec.toml").keys.day
+        days = sorted(set(day_partitions(data / "ctr", key)) & set(day_partitions(data / "cvr", key)))
         self.protocol = (load_protocol(protocol_file, days, upstream_steps_per_day) if protocol_file
                          else protocol(dataset, days, upstream_steps_per_day))
         self.upstream_steps_per_day = self.protocol.upstream_steps_per_day
@@ -308,9 +310,9 @@ class Experiment:
 
     def _aggregate_and_publish(self, source: str, entity: str, pool: tuple[str, float | None]) -> None:
         from embeddings.aggregate import aggregate_day
+        from embeddings.embedded_store import EmbeddedStore
         from embeddings.pool import snapshot_dir
         from embeddings.publish import publish
-        from embeddings.store import EmbeddedStore
 
         root = self.work / "pool" / _pool_name(pool)
         store_path = self.store_root(pool) / f"{source}-{entity}"
@@ -514,7 +516,7 @@ def _ensure_dataset(dataset: str, data: Path) -> None:
     if dataset not in (*PRESETS, "movielens"):
         raise SystemExit(f"error: {data}: no dataset (spec.toml) there, and {dataset!r} is not one to generate")
     if dataset == "movielens":
-        from data.movielens import main as movielens_main
+        from data.movielens.cli import main as movielens_main
 
         if movielens_main(["--out", str(data)]) != 0:
             raise SystemExit(f"could not build MovieLens-100K into {data}")

@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from embeddings.store import EmbeddedStore  # noqa: E402
+from embeddings.embedded_store import EmbeddedStore  # noqa: E402
 
 TARGETS = {"user": ("bias", "activity", "shopper"), "pin": ("bias", "quality", "popularity")}
 

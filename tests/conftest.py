@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from data.synthetic import PRESETS, generate
-
-TINY = dataclasses.replace(PRESETS["tiny"], days=3)
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +28,10 @@ def tiny_world_4(tmp_path_factory):
 def tiny_snapshot(tiny_world, tmp_path_factory):
     """A cvr snapshot of day 1 of the tiny world, trained for a few steps on 2 gloo ranks."""
     from tests.distributed import run_ranks
-    from tests.test_trainer import _two_rank_train_day
+    from tests.helpers import two_rank_train_day
 
     run_dir = tmp_path_factory.mktemp("snap") / "cvr"
-    run_ranks(_two_rank_train_day, 2, str(tiny_world), str(run_dir), timeout=600)
+    run_ranks(two_rank_train_day, 2, str(tiny_world), str(run_dir), timeout=600)
     return run_dir / "snapshots" / "day=2026-01-01"
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -347,17 +345,21 @@ def test_first_day_refused_when_earlier_daily_embeddings_exist(hand):
 # ---- the CLI ------------------------------------------------------------------------------------
 
 
-def test_cli_applies_a_day_and_exits_2_on_bad_input(hand):
+def test_cli_applies_a_day_and_exits_2_on_bad_input(hand, monkeypatch, capsys, caplog):
+    import common.log
+    from embeddings.aggregate import main
+
+    monkeypatch.setattr(common.log, "setup_logging", lambda: None)  # keep pytest's log capture
+    caplog.set_level("INFO")
     emb, pool = hand
-    cmd = [sys.executable, "-m", "embeddings.aggregate", "--emb", str(emb), "--pool", str(pool), "--source", "ctr",
-           "--entity", "user", "--method", "ma", "--alpha", "0.75", "--num-buckets", "2"]
-    ok = subprocess.run(cmd + ["--day", D1], capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["pool_size"] == 2
-    assert "derm.embeddings.aggregate: ctr/user 2026-01-01: committed" in ok.stderr
-    bad = subprocess.run(cmd + ["--day", D3], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ") and "apply the days in order" in bad.stderr
+    args = ["--emb", str(emb), "--pool", str(pool), "--source", "ctr", "--entity", "user", "--method", "ma", "--alpha", "0.75",
+            "--num-buckets", "2"]
+    assert main(args + ["--day", D1]) == 0
+    assert json.loads(capsys.readouterr().out)["pool_size"] == 2
+    assert "ctr/user 2026-01-01: committed" in caplog.text
+    assert main(args + ["--day", D3]) == 2
+    bad = capsys.readouterr()
+    assert bad.out == "" and bad.err.count("\n") == 1 and bad.err.startswith("error: ") and "apply the days in order" in bad.err
 
 
 def test_cli_buckets_then_finalize(hand, monkeypatch, capsys):

@@ -87,6 +87,7 @@ def test_probing_every_list_makes_ivf_exact(pins, exact, ivf):
         ivf.set_search_params(k_factor=4)
 
 
+@pytest.mark.slow
 def test_ivfpq_recall_at_10_against_exact(pins, exact, ivfpq):
     _, _, queries = pins
     assert ivfpq.kind == "ivfpq" and len(ivfpq) == 20_000

@@ -148,6 +148,7 @@ def _derm_grads(task, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return loss.detach(), torch.cat(grads)
 
 
+@pytest.mark.slow
 def test_derm_step_fast_path_equals_reference_and_bf16_is_close(tiny_world):
     """A whole upstream step: the fast path (SDPA attention, pruned sequence queries, positive-row
     contrastive scoring) equals the reference path; a bfloat16-autocast step is close to both."""

@@ -1,4 +1,4 @@
-"""The upstream DERM model on real batches of the tiny world: shapes, unit-norm embeddings,
+"""The upstream DERM model on random batches of the tiny world's spec (no world generated): shapes, unit-norm embeddings,
 gradients everywhere, meta builds, FX tracing, and the model under DistributedModelParallel."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import pytest
 import torch
 import torchrec.fx
 
-from data.loader import make_loader
-from data.spec import load_spec
 from modules.baselines import LogisticRegression
 from modules.config import DERMConfig, DHENConfig
 from modules.derm import DERMOutput, build_derm
+from tests.helpers import random_batch, tiny_spec
 
 SMALL = DERMConfig(
     token_dim=16,
@@ -25,17 +24,17 @@ SMALL = DERMConfig(
 )
 
 
-def _batch(root, source, size=128):
-    """A batch of the last day, when every counting feature has history (day 1's are all zero)."""
-    return next(iter(make_loader(root, source, batch_size=size, days=["2026-01-03"])))
+def _batch(source, size=128):
+    """A random batch that fits the tiny world's spec (``tests.helpers.random_batch``)."""
+    return random_batch(tiny_spec(), source, size)
 
 
 @pytest.mark.parametrize("source", ["ctr", "cvr"])
-def test_forward_shapes_unit_norm_and_gradients_everywhere(tiny_world, source):
+def test_forward_shapes_unit_norm_and_gradients_everywhere(source):
     torch.manual_seed(0)
-    spec = load_spec(tiny_world / "spec.toml")
+    spec = tiny_spec()
     task = build_derm(spec, source, SMALL, device=torch.device("cpu"))
-    batch = _batch(tiny_world, source)
+    batch = _batch(source)
     loss, (parts, out) = task(batch)
     T = len(spec.source(source).labels)
     assert isinstance(out, DERMOutput)
@@ -49,12 +48,12 @@ def test_forward_shapes_unit_norm_and_gradients_everywhere(tiny_world, source):
     assert not dead, f"no gradient reached {dead}"
 
 
-def test_centred_embeddings_and_normalised_counts(tiny_world):
+def test_centred_embeddings_and_normalised_counts():
     """model.center: the tower's pre-norm embedding has zero batch mean in training (no direction
     common to every entity) and uses running statistics in eval; model.dense_norm: the counts enter
     the scalar token centred."""
     torch.manual_seed(0)
-    spec = load_spec(tiny_world / "spec.toml")
+    spec = tiny_spec()
     config = dataclasses.replace(SMALL, center=("user", "pin"), dense_norm="batch")
     task = build_derm(spec, "ctr", config, device=torch.device("cpu"))
     seen = {}
@@ -63,7 +62,7 @@ def test_centred_embeddings_and_normalised_counts(tiny_world):
         assert isinstance(module.center, torch.nn.BatchNorm1d) and isinstance(module.inputs.scalar_norm, torch.nn.BatchNorm1d)
         module.center.register_forward_hook(lambda m, i, o, name=tower: seen.__setitem__(name, o))
         module.inputs.scalar_norm.register_forward_hook(lambda m, i, o, name=tower: seen.__setitem__(name + "/counts", o))
-    batch = _batch(tiny_world, "ctr")
+    batch = _batch("ctr")
     _, (_, out) = task(batch)
     for name, value in seen.items():
         torch.testing.assert_close(value.mean(0), torch.zeros(value.shape[1]), atol=1e-5, rtol=0, msg=name)
@@ -93,8 +92,8 @@ def test_batch_norm_takes_a_one_row_training_batch():
     torch.testing.assert_close(norm.running_mean, before)
 
 
-def test_builds_on_meta(tiny_world):
-    spec = load_spec(tiny_world / "spec.toml")
+def test_builds_on_meta():
+    spec = tiny_spec()
     task = build_derm(spec, "cvr", SMALL, device=torch.device("meta"))
     assert {p.device.type for p in task.parameters()} == {"meta"}
     assert {b.device.type for b in task.buffers()} == {"meta"}
@@ -104,17 +103,17 @@ def test_builds_on_meta(tiny_world):
     assert devices["ebc"] == devices["ec"] == "meta" and devices["user_tower"] == "cpu"
 
 
-def test_fx_traces_like_torchrec_pipelines_do(tiny_world):
+def test_fx_traces_like_torchrec_pipelines_do():
     torch.manual_seed(0)
-    spec = load_spec(tiny_world / "spec.toml")
+    spec = tiny_spec()
     model = build_derm(spec, "ctr", SMALL, device=torch.device("cpu")).model.eval()
-    batch = _batch(tiny_world, "ctr", 32)
+    batch = _batch("ctr", 32)
     traced = torchrec.fx.symbolic_trace(model)
     torch.testing.assert_close(traced(batch).logits, model(batch).logits)
 
 
-def test_bad_model_arguments(tiny_world):
-    spec = load_spec(tiny_world / "spec.toml")
+def test_bad_model_arguments():
+    spec = tiny_spec()
     with pytest.raises(ValueError, match=r"positive_labels \['purchase'\] are not labels of source 'ctr'"):
         build_derm(spec, "ctr", DERMConfig(positive_labels=("purchase",)))
     with pytest.raises(ValueError, match="task_weights has 1 entries; source 'ctr' has 2 labels"):
@@ -127,10 +126,10 @@ def test_bad_model_arguments(tiny_world):
         DERMConfig(init_temperature=0.01, max_inv_temperature=20.0)
 
 
-def test_logistic_regression_baseline_runs(tiny_world):
-    spec = load_spec(tiny_world / "spec.toml").for_source("cvr")
+def test_logistic_regression_baseline_runs():
+    spec = tiny_spec().for_source("cvr")
     lr = LogisticRegression(spec)
-    batch = _batch(tiny_world, "cvr", 64)
+    batch = _batch("cvr", 64)
     logits = lr(batch)
     assert logits.shape == (64, 3)
     torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()

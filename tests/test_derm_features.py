@@ -10,8 +10,8 @@ import torch
 
 from data.loader import make_loader
 from data.spec import load_spec
+from embeddings.embedded_store import EmbeddedStore
 from embeddings.features import DERMFeatureJoin, DERMSource
-from embeddings.store import EmbeddedStore
 from modules.downstream import build_downstream
 from modules.downstream_config import DERMFeature, DownstreamConfig
 

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from data.loader import make_loader
 from data.spec import load_spec
-from modules.config import DERMConfig, DHENConfig
 from modules.derm import build_derm
 from sharding.collectives import all_gather_ids
 from sharding.dmp import shard_model
 from tests.distributed import run_ranks
+from tests.helpers import SMALL_MODEL
 
-CONFIG = DERMConfig(
-    token_dim=16,
-    user_dhen=DHENConfig(layers=(("masknet", "transformer"),), mlp_hidden=32, masknet_block_dim=32),
-    pin_dhen=DHENConfig(layers=(("mlp", "dcn"),), mlp_hidden=32),
-    interaction_dhen=DHENConfig(layers=(("transformer", "mlp"),), out_tokens=2, mlp_hidden=32),
-    head_hidden=(16,),
-)
 STEPS = 8
 
 
@@ -29,7 +23,7 @@ def _train(rank: int, world_size: int, root: str) -> dict:
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     spec = load_spec(f"{root}/spec.toml")
-    task = build_derm(spec, "cvr", CONFIG, device=cpu, embedding_device=torch.device("meta"), gather=all_gather_ids())
+    task = build_derm(spec, "cvr", SMALL_MODEL, device=cpu, embedding_device=torch.device("meta"), gather=all_gather_ids())
     dmp, optimizer = shard_model(task, cpu)
     losses, norms = [], []
     for _, batch in zip(range(STEPS), make_loader(root, "cvr", batch_size=200, rank=rank, world_size=world_size)):
@@ -49,6 +43,7 @@ def _train(rank: int, world_size: int, root: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_derm_shards_trains_and_keeps_the_estimator_in_step(tiny_world):
     ranks = run_ranks(_train, 2, str(tiny_world))
     for r in ranks:

@@ -8,12 +8,11 @@ import pytest
 import torch
 import torchrec.fx
 
-from data.loader import make_loader
-from data.spec import load_spec
 from modules.config import DHENConfig, SequenceConfig
 from modules.downstream import DERMProjection, DownstreamOutput, build_downstream
 from modules.downstream_config import DERMFeature, DownstreamConfig, missing_key
 from modules.moe import MixtureOfDCNExperts
+from tests.helpers import random_batch, tiny_spec
 
 KEYS = {"ctr_user": 24, "ctr_pin": 24, "cvr_user": 16, "cvr_pin": 16}
 
@@ -36,9 +35,9 @@ def _config(n_derm: int, projection: int = 8, **kw) -> DownstreamConfig:
     return DownstreamConfig(derm=derm, **{**small, **kw})
 
 
-def _batch(root, source="ctr", size=64):
-    """A batch of the last day, when every counting feature has history."""
-    return next(iter(make_loader(root, source, batch_size=size, days=["2026-01-03"])))
+def _batch(source="ctr", size=64):
+    """A random batch that fits the tiny world's spec (``tests.helpers.random_batch``)."""
+    return random_batch(tiny_spec(), source, size)
 
 
 def _derm(config: DownstreamConfig, batch_size: int, missing_rows=(1, 5)) -> dict[str, torch.Tensor]:
@@ -57,12 +56,12 @@ def _derm(config: DownstreamConfig, batch_size: int, missing_rows=(1, 5)) -> dic
 @pytest.mark.parametrize("kind", ["ctr", "cvr"])
 @pytest.mark.parametrize("n_derm", [0, 2, 4])
 @pytest.mark.parametrize("projection", [0, 8])
-def test_shapes_and_gates(tiny_world, kind, n_derm, projection):
+def test_shapes_and_gates(kind, n_derm, projection):
     torch.manual_seed(0)
-    spec = load_spec(tiny_world / "spec.toml")
+    spec = tiny_spec()
     config = _config(n_derm, projection)
     task = build_downstream(spec, "ctr", config, kind=kind, device=torch.device("cpu"))
-    batch = _batch(tiny_world)
+    batch = _batch()
     loss, (parts, out) = task(batch, _derm(config, 64))
     T = len(spec.source("ctr").labels)
     assert isinstance(out, DownstreamOutput) and out.logits.shape == (64, T)
@@ -82,12 +81,12 @@ def test_shapes_and_gates(tiny_world, kind, n_derm, projection):
     [("ctr", "ctr", 8, {}), ("ctr", "ctr", 0, {"cross_mixture": 2, "gate_hidden": (8,)}), ("cvr", "cvr", 8, {}), ("cvr", "ctr", 16, {}),
      ("ctr", "ctr", 8, {"derm_similarity": SIMILARITY, "low_rank": 0}), ("cvr", "cvr", 8, {"derm_similarity": SIMILARITY})],
 )
-def test_gradients_reach_every_parameter(tiny_world, kind, source, projection, extra):
+def test_gradients_reach_every_parameter(kind, source, projection, extra):
     torch.manual_seed(0)
-    spec = load_spec(tiny_world / "spec.toml")
+    spec = tiny_spec()
     config = _config(4, projection, **extra)
     task = build_downstream(spec, source, config, kind=kind, device=torch.device("cpu"))
-    batch = _batch(tiny_world, source, 128)
+    batch = _batch(source, 128)
     loss, _ = task(batch, _derm(config, 128))
     loss.backward()
     dead = [n for n, p in task.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
@@ -95,12 +94,12 @@ def test_gradients_reach_every_parameter(tiny_world, kind, source, projection, e
 
 
 @pytest.mark.parametrize("kind", ["ctr", "cvr"])
-def test_missing_entity_is_finite_and_its_indicator_learns(tiny_world, kind):
+def test_missing_entity_is_finite_and_its_indicator_learns(kind):
     torch.manual_seed(0)
-    spec = load_spec(tiny_world / "spec.toml")
+    spec = tiny_spec()
     config = _config(2, 8)
     task = build_downstream(spec, "ctr", config, kind=kind, device=torch.device("cpu"))
-    batch = _batch(tiny_world)
+    batch = _batch()
     derm = _derm(config, 64, missing_rows=range(64))  # every entity missing: zeros + indicator 1
     assert all(torch.all(derm[f.name] == 0) for f in config.derm)
     loss, (_, out) = task(batch, derm)
@@ -113,16 +112,16 @@ def test_missing_entity_is_finite_and_its_indicator_learns(tiny_world, kind):
         assert torch.all(weight.grad[:, :-1] == 0)  # zeros in, so the embedding columns learn nothing
 
 
-def test_derm_features_are_required_when_configured(tiny_world):
-    spec = load_spec(tiny_world / "spec.toml")
+def test_derm_features_are_required_when_configured():
+    spec = tiny_spec()
     task = build_downstream(spec, "ctr", _config(2), device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"reads DERM embeddings \['ctr_user', 'ctr_pin'\]"):
-        task(_batch(tiny_world, size=8))
+        task(_batch(size=8))
 
 
 @pytest.mark.parametrize("kind", ["ctr", "cvr"])
-def test_restricted_feature_set(tiny_world, kind):
-    spec = load_spec(tiny_world / "spec.toml")
+def test_restricted_feature_set(kind):
+    spec = tiny_spec()
     allowed = ("user_id", "pin_id", "surface", "user_seq", "user_ctr_smoothed")
     config = _config(2, features=allowed)
     task = build_downstream(spec, "ctr", config, kind=kind, device=torch.device("cpu"))
@@ -138,7 +137,7 @@ def test_restricted_feature_set(tiny_world, kind):
     else:
         assert sum(ft.num_tokens for ft in model.inputs.values()) == 5  # 3 ids, 1 sequence, 1 scalar group
     # The loader's batches still carry every feature; the model reads only its own.
-    loss, (_, out) = task(_batch(tiny_world), _derm(config, 64))
+    loss, (_, out) = task(_batch(), _derm(config, 64))
     assert torch.isfinite(loss) and out.logits.shape == (64, 2)
     with pytest.raises(ValueError, match=r"features \['user_id_typo'\] are not features"):
         build_downstream(spec, "ctr", _config(0, features=("user_id", "user_id_typo")), kind=kind)
@@ -147,8 +146,8 @@ def test_restricted_feature_set(tiny_world, kind):
 
 
 @pytest.mark.parametrize("kind", ["ctr", "cvr"])
-def test_builds_on_meta(tiny_world, kind):
-    spec = load_spec(tiny_world / "spec.toml")
+def test_builds_on_meta(kind):
+    spec = tiny_spec()
     task = build_downstream(spec, "cvr", _config(4), kind=kind, device=torch.device("meta"))
     assert {p.device.type for p in task.parameters()} == {"meta"}
     split = build_downstream(spec, "cvr", _config(4), kind=kind, device=torch.device("cpu"), embedding_device=torch.device("meta"))
@@ -158,12 +157,12 @@ def test_builds_on_meta(tiny_world, kind):
 
 @pytest.mark.parametrize("kind", ["ctr", "cvr"])
 @pytest.mark.parametrize("n_derm", [0, 4])
-def test_fx_traces_like_torchrec_pipelines_do(tiny_world, kind, n_derm):
+def test_fx_traces_like_torchrec_pipelines_do(kind, n_derm):
     torch.manual_seed(0)
-    spec = load_spec(tiny_world / "spec.toml")
+    spec = tiny_spec()
     config = _config(n_derm, 8, derm_similarity=SIMILARITY if n_derm == 4 else ())
     model = build_downstream(spec, "ctr", config, kind=kind, device=torch.device("cpu")).model.eval()
-    batch, derm = _batch(tiny_world, size=32), _derm(config, 32)
+    batch, derm = _batch(size=32), _derm(config, 32)
     traced = torchrec.fx.symbolic_trace(model)
     eager, fx = model(batch, derm), traced(batch, derm)
     torch.testing.assert_close(fx.logits, eager.logits)
@@ -188,7 +187,7 @@ def test_moe_and_projection_alone():
     torch.testing.assert_close(out[:, :6], derm["ctr_user"])  # width 0: passed through with its indicator
 
 
-def test_bad_configs_name_the_field(tiny_world):
+def test_bad_configs_name_the_field():
     with pytest.raises(ValueError, match="num_experts must be >= 1"):
         DownstreamConfig(num_experts=0)
     with pytest.raises(ValueError, match=r"derm\['ctr_user'\].projection_dim must be >= 0"):
@@ -199,7 +198,7 @@ def test_bad_configs_name_the_field(tiny_world):
         DownstreamConfig(low_rank=0, cross_mixture=2)
     with pytest.raises(ValueError, match="expert_hidden must give at least one width"):
         DownstreamConfig(expert_hidden=())
-    spec = load_spec(tiny_world / "spec.toml")
+    spec = tiny_spec()
     with pytest.raises(ValueError, match="kind must be one of"):
         build_downstream(spec, "ctr", _config(0), kind="dlrm")
     with pytest.raises(ValueError, match="task_weights has 1 entries"):

@@ -15,7 +15,7 @@ import torch
 
 from common.config import load_config
 from data.loader import make_loader
-from embeddings.store import EmbeddedStore
+from embeddings.embedded_store import EmbeddedStore
 from modules.config import DHENConfig, SequenceConfig
 from modules.downstream_config import DownstreamConfig
 from tests.distributed import run_ranks
@@ -145,7 +145,7 @@ def test_store_without_versions_is_refused_naming_it(tiny_world, tmp_path):
 
 def test_bf16_mixed_precision_trains_with_float32_losses(tiny_world, tmp_path):
     from sharding.distributed import init_distributed
-    from tests.test_trainer import MODEL as UPSTREAM
+    from tests.helpers import SMALL_MODEL as UPSTREAM
     from trainer.config import RunConfig
     from trainer.loop import Trainer
 

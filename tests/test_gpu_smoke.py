@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.test_derm_sharded import CONFIG
+from tests.helpers import SMALL_MODEL
 from trainer.config import DataConfig, RunConfig, TrainConfig
 
 D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
@@ -62,7 +62,7 @@ def _config(root: Path, run_dir: Path, **train) -> RunConfig:
     return RunConfig(
         data=DataConfig(root=str(root), source="cvr", batch_size=200, eval_batch_size=500, synthetic_preset=""),
         train=TrainConfig(run_dir=str(run_dir), log_every=2, device="cuda", max_steps_per_day=4, **train),
-        model=CONFIG,
+        model=SMALL_MODEL,
     )
 
 
@@ -71,9 +71,9 @@ def test_train_infer_publish_search_on_one_gpu(ctx, tiny_world, tmp_path):
     from data.spec import load_spec
     from embeddings.aggregate import aggregate_day, read_pool
     from embeddings.ann import AnnIndex
+    from embeddings.embedded_store import EmbeddedStore
     from embeddings.infer import Embedder, infer_day
     from embeddings.publish import publish
-    from embeddings.store import EmbeddedStore
     from modules.derm import build_derm
     from sharding.checkpoint import load_unsharded
     from trainer.loop import run
@@ -99,7 +99,7 @@ def test_train_infer_publish_search_on_one_gpu(ctx, tiny_world, tmp_path):
     batch = next(iter(make_loader(tiny_world, "cvr", 64, days=[D1], rank=0, world_size=1)))
     with torch.no_grad():
         _, (_, on_gpu) = embedder.model(batch.to(ctx.device))
-    cpu_task = build_derm(load_spec(tiny_world / "spec.toml"), "cvr", CONFIG, device=torch.device("cpu"))
+    cpu_task = build_derm(load_spec(tiny_world / "spec.toml"), "cvr", SMALL_MODEL, device=torch.device("cpu"))
     load_unsharded(snapshot, cpu_task)
     cpu_task.eval()
     with torch.no_grad():

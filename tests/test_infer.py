@@ -16,20 +16,8 @@ from modules.config import DERMConfig
 from modules.derm import build_derm
 from sharding.checkpoint import load_unsharded, read_meta
 from tests.distributed import run_ranks
-
-DAYS = ["2026-01-01", "2026-01-02"]
-
-
-def _infer(rank: int, world_size: int, snapshot: str, root: str, out: str, dedup_first: bool) -> dict:
-    from embeddings.infer import Embedder, infer_day
-
-    embedder = Embedder.load(snapshot, root, torch.device("cpu"))
-    counts = {day: infer_day(embedder, day, out, batch_size=300, dedup_first=dedup_first) for day in DAYS}
-    try:
-        infer_day(embedder, DAYS[0], out)
-    except FileExistsError as e:
-        counts["refused"] = str(e)
-    return counts
+from tests.helpers import INFER_DAYS as DAYS
+from tests.helpers import infer_days
 
 
 def _read(out, entity, day) -> dict[int, tuple[np.ndarray, int]]:
@@ -47,12 +35,13 @@ def test_last_per_entity_prefers_latest_time_then_later_row():
 @pytest.fixture(scope="module")
 def inferred(tiny_snapshot, tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("emb")
-    two = run_ranks(_infer, 2, str(tiny_snapshot), str(tiny_world), str(out / "two"), True)
-    one = run_ranks(_infer, 1, str(tiny_snapshot), str(tiny_world), str(out / "one"), True)
-    every_row = run_ranks(_infer, 1, str(tiny_snapshot), str(tiny_world), str(out / "rows"), False)
+    two = run_ranks(infer_days, 2, str(tiny_snapshot), str(tiny_world), str(out / "two"), True)
+    one = run_ranks(infer_days, 1, str(tiny_snapshot), str(tiny_world), str(out / "one"), True)
+    every_row = run_ranks(infer_days, 1, str(tiny_snapshot), str(tiny_world), str(out / "rows"), False)
     return out, two, one, every_row
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_and_dedup_keeps_the_last_event(inferred, tiny_world):
     out, two, one, every_row = inferred
     for day in DAYS:
@@ -74,6 +63,7 @@ def test_two_ranks_equal_one_and_dedup_keeps_the_last_event(inferred, tiny_world
     assert "exists; pass --overwrite" in two[0]["refused"]
 
 
+@pytest.mark.slow
 def test_embeddings_are_the_towers_outputs_for_the_last_row(inferred, tiny_snapshot, tiny_world):
     out, *_ = inferred
     meta = read_meta(tiny_snapshot)

@@ -5,18 +5,21 @@ then serve: batch get of users and user -> Pin retrieval."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from embeddings.aggregate import aggregate_day, read_pool
 from embeddings.ann import AnnIndex
+from embeddings.embedded_store import EmbeddedStore
 from embeddings.publish import publish
-from embeddings.store import EmbeddedStore
 from tests.distributed import run_ranks
-from tests.test_infer import DAYS, _infer
+from tests.helpers import INFER_DAYS as DAYS
+from tests.helpers import infer_days
 
 
+@pytest.mark.slow
 def test_infer_aggregate_publish_serve(tiny_snapshot, tiny_world, tmp_path):
     emb, pool = tmp_path / "emb", tmp_path / "pool"
-    run_ranks(_infer, 1, str(tiny_snapshot), str(tiny_world), str(emb), True)
+    run_ranks(infer_days, 1, str(tiny_snapshot), str(tiny_world), str(emb), True)
     for day in DAYS:
         for entity in ("user", "pin"):
             report = aggregate_day(emb, pool, "cvr", entity, day, "ma", alpha=0.9, num_buckets=4)

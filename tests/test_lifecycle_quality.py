@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from embeddings.daily import ENTITIES, run_day
+from embeddings.embedded_store import EmbeddedStore
 from embeddings.representation import engagement_counts, recall_of_ranked
-from embeddings.store import EmbeddedStore
 from embeddings.version_quality import measure_versions, quality_line, quality_path
 from tests.distributed import run_ranks
 

@@ -1,4 +1,4 @@
-"""MovieLens-100K adapter (data/movielens.py): the real data against its known counts and the
+"""MovieLens-100K adapter (data/movielens/): the real data against its known counts and the
 input contract, plus a hand-made atomic-file folder for exact values and bad input.
 
 The module fixture downloads the RecBole 1.2.1 wheel once into <repo>/.cache/recbole (PyPI) and
@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import movielens
-from data.movielens import MovieLensError, convert, fetch_recbole_wheel, main
+from data.movielens import MovieLensError, convert, fetch_recbole_wheel
+from data.movielens.cli import main
 from data.spec import load_spec
 
 NEG = 4
@@ -60,6 +61,7 @@ def read_all(root: Path, source: str) -> pa.Table:
 # ---- the real data --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_known_counts(ml100k, ratings, ctr):
     _, s = ml100k
     assert (s["ratings"], s["users"], s["items"]) == (100_000, 943, 1_682)
@@ -132,6 +134,7 @@ def _pair_times(ratings: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
     return key[order], ratings["time"][order], ratings["rating"][order]
 
 
+@pytest.mark.slow
 def test_sequences_hold_strictly_earlier_ratings_newest_first(ctr, ratings):
     keys, times, stars = _pair_times(ratings)
     user, t = ctr["user_id"].to_numpy(), ctr["event_time"].to_numpy()
@@ -191,6 +194,7 @@ def test_negatives_are_unrated_and_share_the_positives_context(ctr, ratings):
         assert pc.max(d[f"{col}_count_distinct"]).as_py() == 1, col
 
 
+@pytest.mark.slow
 def test_same_seed_same_files(ml100k, wheel, tmp_path):
     root, first = ml100k
     again = convert(tmp_path / "again", wheel=wheel, negatives=NEG, max_seq_len=L, seed=0)
@@ -244,7 +248,7 @@ def test_folder_source_exact_values(tmp_path):
     assert [by[u, i]["user_age_bucket"] for u, i in ((3, 20), (1, 10), (2, 10))] == [0, 1, 5]
     assert [by[u, i]["user_zip3"] for u, i in ((1, 10), (3, 20))] == [857, 52] and by[2, 10]["user_zip3"] >= 1000
     assert by[3, 20]["pin_release_year"] == 0 and by[1, 30]["pin_release_year"] == 1  # unknown; before 1940
-    assert by[1, 40]["pin_release_year"] == len(movielens.YEAR_EDGES) + 1
+    assert by[1, 40]["pin_release_year"] == len(movielens.features.YEAR_EDGES) + 1
     # Genres vocabulary: Comedy Drama Horror Sci-Fi War unknown.
     assert by[1, 20]["pin_genres"] == [1, 0] and by[3, 60]["pin_genres"] == [5]
     rated = {(u, i) for u, i, _, _ in INTER}
@@ -308,6 +312,6 @@ def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
         assert cmd[1:4] == ["-m", "pip", "download"]
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for recbole==1.2.1\n")
 
-    monkeypatch.setattr(movielens.subprocess, "run", failing)
+    monkeypatch.setattr(movielens.source.subprocess, "run", failing)
     with pytest.raises(MovieLensError, match="could not download recbole==1.2.1 with pip"):
         fetch_recbole_wheel(tmp_path)

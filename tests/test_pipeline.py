@@ -11,7 +11,7 @@ import pytest
 
 from data.spec import load_spec
 from data.synthetic import PRESETS, generate
-from embeddings.store import EmbeddedStore
+from embeddings.embedded_store import EmbeddedStore
 from pipeline.driver import Pipeline, PipelineConfig, PipelineError, quality_table, results_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from data.synthetic.features import synthetic_spec
 from modules.embedding_tables import embedding_bag_configs, embedding_configs
 from sharding.plan_cli import build_meta_model, dry_run, main, scale_entity_tables
 from sharding.planner import LARGE_TABLE_ROWS, allowed_sharding_types, make_planner, sharders, sharding_constraints
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit._script")  # torch.distributed.optim, at first import
 
@@ -128,6 +128,7 @@ def test_the_dry_run_model_lives_on_meta(production_spec):
     assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
+@pytest.mark.slow
 def test_production_plan_fits_64_gpus_with_big_tables_split(production_spec):
     run = dry_run(production_spec, "ctr", world_size=64, device_type="cuda", hbm_gb=80, local_world_size=8)
     assert run.fits, run.error
@@ -142,6 +143,7 @@ def test_production_plan_fits_64_gpus_with_big_tables_split(production_spec):
     assert sum(r.tables.hbm for r in run.ranks) >= 700_000_000 * 128 * 4
 
 
+@pytest.mark.slow
 def test_cli_production_plan_on_meta_in_seconds(tmp_path):
     start = time.perf_counter()
     out = subprocess.run(

@@ -5,6 +5,7 @@ collections. SGD on both sides, so the update is exactly lr x gradient."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from data.loader import make_loader
@@ -12,7 +13,7 @@ from data.spec import load_spec
 from modules.derm import build_derm
 from sharding.config import OptimizerConfig
 from tests.distributed import run_ranks
-from tests.test_derm_sharded import CONFIG
+from tests.helpers import SMALL_MODEL
 
 LR = 0.1
 
@@ -27,12 +28,12 @@ def _step(rank: int, world_size: int, root: str, tmp: str) -> dict:
     batch = next(iter(make_loader(root, "cvr", 256, days=["2026-01-03"])))  # same rows on every rank
 
     torch.manual_seed(0)
-    plain = build_derm(spec, "cvr", CONFIG, device=cpu)
+    plain = build_derm(spec, "cvr", SMALL_MODEL, device=cpu)
     if rank == 0:
         dcp.save({"model": plain.state_dict()}, checkpoint_id=f"{tmp}/init", no_dist=True)
     torch.distributed.barrier()
 
-    sharded = build_derm(spec, "cvr", CONFIG, device=cpu, embedding_device=torch.device("meta"))
+    sharded = build_derm(spec, "cvr", SMALL_MODEL, device=cpu, embedding_device=torch.device("meta"))
     dmp, optimizer = shard_model(sharded, cpu, OptimizerConfig(sparse="sgd", sparse_lr=LR, dense="sgd", dense_lr=LR))
     state = {"model": dmp.state_dict()}
     dcp.load(state, checkpoint_id=f"{tmp}/init")
@@ -47,6 +48,7 @@ def _step(rank: int, world_size: int, root: str, tmp: str) -> dict:
     return {"loss": loss.item(), "plan": plan}
 
 
+@pytest.mark.slow
 def test_one_sharded_step_equals_one_plain_step(tiny_world, tmp_path):
     (result,) = run_ranks(_step, 1, str(tiny_world), str(tmp_path))
     assert {"data_parallel", "table_wise"} <= set(result["plan"].values()), result["plan"]
@@ -54,7 +56,7 @@ def test_one_sharded_step_equals_one_plain_step(tiny_world, tmp_path):
     spec = load_spec(tiny_world / "spec.toml")
     batch = next(iter(make_loader(tiny_world, "cvr", 256, days=["2026-01-03"])))
     torch.manual_seed(0)
-    plain = build_derm(spec, "cvr", CONFIG, device=torch.device("cpu"))
+    plain = build_derm(spec, "cvr", SMALL_MODEL, device=torch.device("cpu"))
     loss, _ = plain(batch)
     assert abs(loss.item() - result["loss"]) < 1e-5
     optimizer = torch.optim.SGD(plain.parameters(), lr=LR)
@@ -62,7 +64,7 @@ def test_one_sharded_step_equals_one_plain_step(tiny_world, tmp_path):
     loss.backward()
     optimizer.step()
 
-    after = build_derm(spec, "cvr", CONFIG, device=torch.device("cpu"))
+    after = build_derm(spec, "cvr", SMALL_MODEL, device=torch.device("cpu"))
     _load_plain(tmp_path / "after", after)
     mine, theirs = plain.state_dict(), after.state_dict()
     worst = max(((mine[k].float() - theirs[k].float()).abs().max().item(), k) for k in mine if mine[k].numel())

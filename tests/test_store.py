@@ -14,10 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embeddings.embedded_store import EmbeddedStore
+from embeddings.hash_index import build_slots, lookup_rows
 from embeddings.publish import main as publish_main
 from embeddings.publish import publish
 from embeddings.redis_store import RedisStore
-from embeddings.store import EmbeddedStore, FeatureStore, build_slots, lookup_rows
+from embeddings.store import FeatureStore
 from tests.redis_server import redis_url  # noqa: F401  (pytest fixture)
 
 DIM = 8

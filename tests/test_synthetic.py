@@ -17,7 +17,7 @@ from data.spec import load_spec
 from data.synthetic import generate
 from data.synthetic.cli import build_config, main
 from data.synthetic.simulate import History
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def _read(root, source):

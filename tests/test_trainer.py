@@ -21,12 +21,12 @@ from modules.config import DERMConfig
 from modules.derm import build_derm
 from sharding.checkpoint import load_unsharded
 from tests.distributed import run_ranks
-from tests.test_derm_sharded import CONFIG
+from tests.helpers import SMALL_MODEL
 from trainer.config import DataConfig, RunConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
-MODEL = CONFIG  # the small model of the sharding tests
+MODEL = SMALL_MODEL
 
 
 def _config(root: str, run_dir: str, **train) -> RunConfig:
@@ -97,6 +97,7 @@ def two_rank_run(tiny_world, tmp_path_factory):
     return ranks, run_dir
 
 
+@pytest.mark.slow
 def test_the_dry_run_predicts_the_plan_training_used(two_rank_run, tiny_world):
     """``sharding.plan_cli.dry_run`` of the run's config (source, batch, model, sparse optimizer)
     on as many ranks gives the plan the 2-rank training used, which it saved beside each snapshot."""
@@ -120,6 +121,7 @@ def test_the_dry_run_predicts_the_plan_training_used(two_rank_run, tiny_world):
     assert dry_run(load_spec(tiny_world / "spec.toml"), "cvr", 2, "cpu", batch_size=4096, model_config=config.model).fits
 
 
+@pytest.mark.slow
 def test_initial_training_lowers_the_loss_and_evaluates(two_rank_run):
     ranks, run_dir = two_rank_run
     summary = ranks[0]["initial"]
@@ -144,6 +146,7 @@ def test_initial_training_lowers_the_loss_and_evaluates(two_rank_run):
     assert (run_dir / "summary.json").exists() and list((run_dir / "tb").iterdir())
 
 
+@pytest.mark.slow
 def test_incremental_day_starts_from_the_previous_snapshot(two_rank_run):
     ranks, run_dir = two_rank_run
     inc = ranks[0]["incremental"]
@@ -152,6 +155,7 @@ def test_incremental_day_starts_from_the_previous_snapshot(two_rank_run):
     assert inc["global_step"] == ranks[0]["initial"]["global_step"] + inc["days"][0]["steps"]
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_training(two_rank_run):
     ranks, _ = two_rank_run
     for r in ranks:
@@ -162,6 +166,7 @@ def test_resume_equals_uninterrupted_training(two_rank_run):
     assert ranks[0]["norm_stats"] and all(torch.equal(a, b) for a, b in zip(ranks[0]["norm_stats"], ranks[1]["norm_stats"]))
 
 
+@pytest.mark.slow
 def test_two_rank_snapshot_serves_one_unsharded_process(two_rank_run, tiny_world):
     ranks, run_dir = two_rank_run
     spec = load_spec(tiny_world / "spec.toml")
@@ -184,18 +189,23 @@ def _main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "trainer/main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_unknown_or_bad_config_is_refused_before_anything_starts(tmp_path):
-    done = _main(f"--train.run_dir={tmp_path / 'run'}", "--train.colour=red")
-    assert done.returncode == 2 and "train: unknown key(s) ['colour']" in done.stderr
-    done = _main("--mode", "incremental")
-    assert done.returncode == 2 and "needs train.day" in done.stderr
-    done = _main("--data.batch_size=0")
-    assert done.returncode == 2 and "data.batch_size must be >= 1" in done.stderr
+def test_unknown_or_bad_config_is_refused_before_anything_starts(tmp_path, capsys):
+    from trainer.main import main
+
+    assert main([f"--train.run_dir={tmp_path / 'run'}", "--train.colour=red"]) == 2
+    assert "train: unknown key(s) ['colour']" in capsys.readouterr().err
+    assert main(["--mode", "incremental"]) == 2
+    assert "needs train.day" in capsys.readouterr().err
+    assert main(["--data.batch_size=0"]) == 2
+    assert "data.batch_size must be >= 1" in capsys.readouterr().err
+    assert main(["--task", "downstream", "--kind=ranking"]) == 2
+    assert "kind must be one of" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=r"model.user_dhen: dhen.layers\[0\] must be two of"):
         load_config(None, ['model.user_dhen.layers=[["lstm", "mlp"]]'], RunConfig)
 
 
+@pytest.mark.slow
 def test_bad_snapshots_are_refused_and_nothing_is_touched(two_rank_run, tiny_world, tmp_path):
     _, run_dir = two_rank_run
     world, copy, cfg = tmp_path / "world", tmp_path / "run", tmp_path / "run.toml"
@@ -242,15 +252,6 @@ def test_the_users_torchx_command_trains_two_ranks_and_snapshots(tiny_world, tmp
     meta = (run_dir / "snapshots" / f"day={D1}" / "meta.json").read_text()
     assert '"world_size": 2' in meta
     assert "roc_auc" in (run_dir / "summary.json").read_text()
-
-
-def _two_rank_train_day(rank: int, world_size: int, root: str, run_dir: str) -> None:
-    """A few steps on day 1, snapshotted (the fixture behind tests of snapshot consumers)."""
-    from sharding.distributed import DistContext
-    from trainer.loop import run
-
-    ctx = DistContext(rank, world_size, 0, torch.device("cpu"), "gloo")
-    run(_config(root, run_dir, days=(D1,), eval_day="none", max_steps_per_day=4), ctx)
 
 
 def test_summary_table_shows_no_oracle_column_on_real_data():

@@ -34,8 +34,9 @@ from data.batch import Batch
 from embeddings.features import DERMFeatureJoin, DERMSource
 from embeddings.publish import open_store
 from modules.downstream import build_downstream
-from modules.downstream_config import DERMFeature
-from trainer.config import DownstreamRunConfig
+from modules.downstream_config import DERMFeature, DownstreamConfig
+from sharding.distributed import DistContext
+from trainer.config import DERMJoinConfig, DownstreamRunConfig
 from trainer.loop import Trainer, run
 
 log = logging.getLogger("derm.downstream")
@@ -45,30 +46,30 @@ class DownstreamTrainer(Trainer):
     """:class:`trainer.loop.Trainer` for a downstream model: builds it, and joins the DERM
     embeddings onto every batch it trains or evaluates on."""
 
-    def _build_task(self) -> torch.nn.Module:
-        cfg: DownstreamRunConfig = self.config
-        d = cfg.derm
-        sources = []
-        for name in d.features:
-            store_name = d.store_name(name)
-            path = Path(d.store_root) / store_name
-            if not d.redis_url and not path.is_dir():  # opening would create it, empty
-                raise ValueError(f"derm.features {name}: no feature store at {path} (derm.store_root = {d.store_root!r}); "
-                                 "publish its embeddings there first (embeddings/daily.py)")
-            store = open_store(str(path), d.redis_url or None, store_name)
-            source, entity = store_name.split("-")
-            pattern = d.version_pattern.replace("{source}", source).replace("{entity}", entity)
-            sources.append(DERMSource(name, store, entity, pattern))
-        self.join = DERMFeatureJoin(sources, lag_days=d.lag_days) if sources else None
-        self.eval_coverage: dict[str, float] = {}
+    config: DownstreamRunConfig
+    join: DERMFeatureJoin | None
+    """Joins the configured embeddings onto each batch; None for the no-DERM baseline."""
+    eval_coverage: dict[str, float]
+    """Share of the last evaluation's rows that found each embedding."""
+
+    def __init__(self, config: DownstreamRunConfig, ctx: DistContext) -> None:
+        self.join = _open_join(config.derm)  # a missing store fails before any model is built
+        self.eval_coverage = {}
+        super().__init__(config, ctx)
+
+    def _build_task(self) -> tuple[torch.nn.Module, DownstreamConfig]:
+        cfg, d = self.config, self.config.derm
+        sources = self.join.sources if self.join is not None else []
         features = tuple(DERMFeature(s.name, DERMFeatureJoin.width(s), d.projection_dim, d.standardize) for s in sources)
-        self.model_config = dataclasses.replace(cfg.model, derm=features, derm_similarity=d.similarity_pairs())
+        model_config = dataclasses.replace(cfg.model, derm=features, derm_similarity=d.similarity_pairs())
         if features:
             log.info("DERM features: %s", ", ".join(f"{f.name} ({f.dim} -> {f.output_dim})" for f in features))
-        return build_downstream(self.spec, self.source, self.model_config, kind=cfg.kind, device=self.ctx.device,
+        task = build_downstream(self.spec, self.source, model_config, kind=cfg.kind, device=self.ctx.device,
                                 embedding_device=torch.device("meta"))
+        return task, model_config
 
     def describe(self) -> dict:
+
         return {"model": f"downstream {self.config.kind}", "derm": list(self.config.derm.features)}
 
     def train_day(self, day: str, start_step: int = 0, max_steps: int = 0) -> dict:
@@ -110,6 +111,22 @@ class DownstreamTrainer(Trainer):
             if self.join is not None:
                 batch.derm = self.join(batch)
             yield batch
+
+
+def _open_join(d: DERMJoinConfig) -> DERMFeatureJoin | None:
+    """The join of ``d``'s embeddings, one feature store each (None when it names none)."""
+    sources = []
+    for name in d.features:
+        store_name = d.store_name(name)
+        path = Path(d.store_root) / store_name
+        if not d.redis_url and not path.is_dir():  # opening would create it, empty
+            raise ValueError(f"derm.features {name}: no feature store at {path} (derm.store_root = {d.store_root!r}); "
+                             "publish its embeddings there first (embeddings/daily.py)")
+        store = open_store(str(path), d.redis_url or None, store_name)
+        source, entity = store_name.split("-")
+        pattern = d.version_pattern.replace("{source}", source).replace("{entity}", entity)
+        sources.append(DERMSource(name, store, entity, pattern))
+    return DERMFeatureJoin(sources, lag_days=d.lag_days) if sources else None
 
 
 def _format_coverage(coverage: dict[str, float]) -> str:

@@ -25,13 +25,15 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.keyed import CombinedOptimizer
 
 from common.config import to_dict
 from common.files import write_json_atomic
 from data.batch import Batch
 from data.loader import day_partitions, make_loader
-from data.spec import load_spec
+from data.spec import FeatureSpec, load_spec
 from embeddings.representation import engagement_counts
 from modules.derm import build_derm
 from sharding.checkpoint import SnapshotError, latest_snapshot_before, load_snapshot, read_meta, save_snapshot, snapshot_path
@@ -50,7 +52,35 @@ class NonFiniteLoss(ValueError):
 
 
 class Trainer:
-    """Trains ``config.data.source``'s upstream model on this rank's share of each day."""
+    """Trains ``config.data.source``'s upstream model on this rank's share of each day.
+
+    Its own progress (steps, days trained) is a ``Stateful`` (:meth:`state_dict`), saved in every
+    snapshot's meta beside the model and optimizer state that DCP writes."""
+
+    config: RunConfig
+    ctx: DistContext
+    root: Path
+    """The dataset root (spec.toml and one folder per source)."""
+    source: str
+    spec: FeatureSpec
+    days_on_disk: list[str]
+    run_dir: Path
+    snapshots: Path
+    model_config: Any
+    """The model config as built (the downstream trainer adds its DERM features' widths): what
+    snapshots record and are checked against."""
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    """The fused table optimizer and the dense one, as one."""
+    norm_stats: list[torch.Tensor]
+    """BatchNorm running statistics, averaged over ranks after every step."""
+    labels: tuple[str, ...]
+    global_step: int
+    days_trained: list[str]
+    embedding_quality: dict[str, float] | None
+    """Representation quality of the last evaluation (upstream models; None before one)."""
+    writer: SummaryWriter | None
+    """TensorBoard, on rank 0 only."""
 
     def __init__(self, config: RunConfig, ctx: DistContext) -> None:
         self.config, self.ctx = config, ctx
@@ -63,8 +93,7 @@ class Trainer:
         self.snapshots = self.run_dir / "snapshots"
 
         torch.manual_seed(config.train.seed)  # dense init; DDP also broadcasts rank 0's weights
-        self.model_config = config.model  # what snapshots record and are checked against
-        task = self._build_task()
+        task, self.model_config = self._build_task()
         task.set_mixed_precision(config.train.mixed_precision, ctx.device.type)
         log.info("mixed precision: %s (train.mixed_precision = %s)", task.autocast_dtype or "float32", config.train.mixed_precision)
         self.model, self.optimizer = shard_model(task, ctx.device, config.optimizer, spec=self.spec.for_source(self.source),
@@ -79,17 +108,24 @@ class Trainer:
                            and m.track_running_stats for t in (m.running_mean, m.running_var)]
         self.labels = task.model.labels
         self.global_step = 0
-        self.days_trained: list[str] = []
-        self.embedding_quality: dict[str, float] | None = None
-        """Representation quality of the last evaluation (upstream models; None before one)."""
+        self.days_trained = []
+        self.embedding_quality = None
         self.writer = SummaryWriter(str(self.run_dir / "tb")) if ctx.is_main else None
 
-    def _build_task(self) -> torch.nn.Module:
-        """The unsharded train task: tables on ``meta``, dense parts on the device."""
-        return build_derm(
-            self.spec, self.source, self.config.model, device=self.ctx.device,
-            embedding_device=torch.device("meta"), gather=all_gather_ids(),
-        )
+    def _build_task(self) -> tuple[torch.nn.Module, Any]:
+        """The unsharded train task (tables on ``meta``, dense parts on the device) and the model
+        config it was built from."""
+        task = build_derm(self.spec, self.source, self.config.model, device=self.ctx.device,
+                          embedding_device=torch.device("meta"), gather=all_gather_ids())
+        return task, self.config.model
+
+    # ---- Stateful ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own progress (``torch.distributed.checkpoint.stateful.Stateful``)."""
+        return {"global_step": self.global_step, "days_trained": list(self.days_trained)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step, self.days_trained = int(state["global_step"]), list(state["days_trained"])
 
     def describe(self) -> dict[str, Any]:
         """What the run summary says of the model."""
@@ -273,9 +309,8 @@ class Trainer:
 
     def save(self, path: Path, day: str, day_step: int) -> Path:
         meta = {
-            "day": day, "source": self.source, "global_step": self.global_step, "day_step": day_step,
-            "days_trained": self.days_trained, "spec": self.spec.for_source(self.source).to_dict(),
-            "model": to_dict(self.model_config),
+            "day": day, "source": self.source, **self.state_dict(), "day_step": day_step,
+            "spec": self.spec.for_source(self.source).to_dict(), "model": to_dict(self.model_config),
         }
         saved = save_snapshot(path, self.model, self.optimizer, meta, overwrite=self.config.train.overwrite)
         log.info("saved snapshot %s", saved)
@@ -287,7 +322,7 @@ class Trainer:
         _same(path, "spec", meta["spec"], self.spec.for_source(self.source).to_dict(), f"{self.root / 'spec.toml'} (source {self.source})")
         _same(path, "model", meta["model"], to_dict(self.model_config), "the model config")
         load_snapshot(path, self.model, self.optimizer)
-        self.global_step, self.days_trained = meta["global_step"], list(meta["days_trained"])
+        self.load_state_dict(meta)
         log.info("loaded snapshot %s (trained on %s)", path, ", ".join(self.days_trained) or "nothing")
         return meta
 

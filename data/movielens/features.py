@@ -1,62 +1,23 @@
-"""MovieLens-100K as a DERM dataset: the first real data our tests and experiments run on.
-
-Converts the MovieLens-100K ratings into the project's input contract (../shared/DESIGN.md,
-§Input contract; layout in ``data/dataset_writer.py``)::
-
-    OUT/spec.toml                                  feature spec: sources ctr (click), cvr (conversion)
-    OUT/ctr/day=YYYY-MM-DD/part-00000.parquet      impressions of the day, in event_time order
-    OUT/cvr/day=YYYY-MM-DD/part-00000.parquet      the same impressions, labelled for conversion
-
-Every rating is an impression of a movie (a "pin") shown to a user, plus ``negatives`` impressions
-at the same second of movies the user never rated, drawn by popularity. click = rating >= 4,
-conversion = rating == 5; negatives are 0 for both. Each row carries the user's earlier ratings as a
-newest-first sequence: only ratings strictly before the impression's second, because ML-100K users
-rate many movies within the same second, and those would leak the label. Details: docs/movielens.md.
-
-The data comes from the RecBole 1.2.1 wheel on PyPI (its ``dataset_example/ml-100k`` atomic files),
-downloaded once into ``.cache/recbole``, or from a folder holding ``*.inter``, ``*.user`` and
-``*.item`` atomic files (tab-separated, ``name:type`` header).
-
-Usage (CPU, about 5 s; the first run downloads the 2 MB wheel)::
-
-    python -m data.movielens --out runs/data/ml-100k
-    python -m data.movielens --out runs/data/ml-100k --negatives 4 --max-seq-len 50 --overwrite
-    python -m data.movielens --out /tmp/ml --source-dir ~/data/ml-100k   # own atomic files
-
-Glossary for shapes: N ratings, U users, I items, K negatives per rating, R = N * (1 + K) rows
-(impressions), L the max sequence length.
-"""
+"""MovieLens ratings as impressions of the input contract: sampled negatives, strictly-earlier
+newest-first sequences, bucketed user and movie features, the spec, and ``convert``, which writes
+the dataset (docs/movielens.md)."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import io
 import logging
-import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
-from common.log import setup_logging
 from data.dataset_writer import staged_output, write_part
+from data.movielens.atomic import MovieLens, MovieLensError
+from data.movielens.source import read_movielens
 from data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
 
 log = logging.getLogger("derm.data.movielens")
-
-RECBOLE = "recbole==1.2.1"
-WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
-"""sha256 of recbole-1.2.1-py3-none-any.whl on PyPI: the converted data is pinned, not just the name."""
-WHEEL_DIR = "recbole/dataset_example/ml-100k"
-DEFAULT_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "recbole"  # git-ignored
 
 EMBEDDING_DIM = 16  # small tables; a multiple of 4 as FBGEMM requires
 AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])
@@ -67,190 +28,6 @@ YEAR_EDGES = np.array([1940, 1950, 1960, 1970, 1980, 1990, 1993, 1995, 1996, 199
 ZIP_HASH_BUCKETS = 100
 """Non-numeric zip prefixes (Canadian postal codes in ML-100K) are hashed into ids 1000..1099."""
 SECONDS_PER_DAY = 86_400
-
-
-class MovieLensError(ValueError):
-    """Input that breaks the contract; the message names the file, the column and the problem."""
-
-
-# ---- fetching --------------------------------------------------------------------------------------
-
-
-def fetch_recbole_wheel(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
-    """Returns the RecBole 1.2.1 wheel in ``cache_dir``, downloading it with pip if it is not there."""
-    cache_dir = Path(cache_dir)
-    found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
-    if not found:
-        log.info("downloading %s into %s", RECBOLE, cache_dir)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", RECBOLE, "-d", str(cache_dir)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(cache_dir.glob("recbole-1.2.1-*.whl"))
-        if done.returncode != 0 or not found:
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise MovieLensError(f"could not download {RECBOLE} with pip ({last[0]}); "
-                                 "download the wheel by hand and pass --wheel, or pass --source-dir")
-    wheel = found[0]
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise MovieLensError(f"{wheel}: sha256 {digest} is not that of {RECBOLE} on PyPI; delete it and rerun")
-    return wheel
-
-
-# ---- reading and validating the atomic files -----------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class MovieLens:
-    """The three atomic files, parsed and checked. Users and items are sorted by id."""
-
-    user: np.ndarray  # (N,) int64 user id of each rating
-    item: np.ndarray  # (N,) int64 item id
-    rating: np.ndarray  # (N,) int8 in 1..5
-    time: np.ndarray  # (N,) int64 seconds since the epoch
-    user_ids: np.ndarray  # (U,) int64, sorted, unique
-    age: np.ndarray  # (U,) int64 years
-    gender: np.ndarray  # (U,) str
-    occupation: np.ndarray  # (U,) str
-    zip_code: np.ndarray  # (U,) str
-    item_ids: np.ndarray  # (I,) int64, sorted, unique
-    release_year: np.ndarray  # (I,) str; not always a number
-    genres: pa.ListArray  # (I,) list<string>
-
-
-def read_movielens(source_dir: str | Path | None = None, wheel: str | Path | None = None) -> MovieLens:
-    """Reads ``*.inter``, ``*.user`` and ``*.item`` from a folder, or ML-100K from the RecBole wheel."""
-    if source_dir is not None and wheel is not None:
-        raise MovieLensError("give a source folder or a wheel, not both")
-    if source_dir is not None:
-        files = {kind: _find_atomic(Path(source_dir), kind) for kind in ("inter", "user", "item")}
-        raw = {kind: (str(p), p.read_bytes()) for kind, p in files.items()}
-        log.info("reading %s", ", ".join(str(p) for p in files.values()))
-    else:
-        wheel = Path(wheel) if wheel is not None else fetch_recbole_wheel()
-        try:
-            with zipfile.ZipFile(wheel) as z:
-                raw = {k: (f"{wheel}!{WHEEL_DIR}/ml-100k.{k}", z.read(f"{WHEEL_DIR}/ml-100k.{k}"))
-                       for k in ("inter", "user", "item")}
-        except (OSError, zipfile.BadZipFile, KeyError) as e:
-            raise MovieLensError(f"{wheel}: not a RecBole wheel holding {WHEEL_DIR}: {e}") from None
-        log.info("reading %s from %s", WHEEL_DIR, wheel)
-
-    users, items = _read_users(*raw["user"]), _read_items(*raw["item"])
-    return _read_ratings(*raw["inter"], users, items, raw["user"][0], raw["item"][0])
-
-
-def _read_users(file: str, data: bytes) -> dict[str, np.ndarray]:
-    cols = _read_atomic(file, data, ["user_id", "age", "gender", "occupation", "zip_code"])
-    ids = _ints(cols["user_id"], file, "user_id")
-    by_id = _unique_order(ids, cols["user_id"], file, "user_id")
-    out = {c: _strings(cols[c], file, c)[by_id] for c in ("gender", "occupation", "zip_code")}
-    return {"user_ids": ids[by_id], "age": _ints(cols["age"], file, "age")[by_id], **out}
-
-
-def _read_items(file: str, data: bytes) -> dict[str, np.ndarray | pa.ListArray]:
-    cols = _read_atomic(file, data, ["item_id", "release_year", "class"])
-    ids = _ints(cols["item_id"], file, "item_id")
-    by_id = _unique_order(ids, cols["item_id"], file, "item_id")
-    # The year stays text: ML-100K has two items without one ("unkonwn" and "V"), see _year_bucket.
-    year = pc.utf8_trim_whitespace(cols["release_year"]).to_numpy(zero_copy_only=False).astype(str)
-    genres = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(cols["class"]))  # token_seq: space-separated
-    return {"item_ids": ids[by_id], "release_year": year[by_id], "genres": genres.take(pa.array(by_id))}
-
-
-def _read_ratings(file: str, data: bytes, users: dict, items: dict, user_file: str, item_file: str) -> MovieLens:
-    cols = _read_atomic(file, data, ["user_id", "item_id", "rating", "timestamp"])
-    if len(cols["user_id"]) == 0:
-        raise MovieLensError(f"{file}: no ratings")
-    user, item = _ints(cols["user_id"], file, "user_id"), _ints(cols["item_id"], file, "item_id")
-    rating = _numbers(cols["rating"], file, "rating")  # RecBole types it float; ML-100K writes whole stars
-    _check(~((rating >= 1) & (rating <= 5) & (rating == np.round(rating))), cols["rating"], file, "rating",
-           "is not a whole number of stars in 1..5")
-    stamp = pc.replace_substring_regex(pc.utf8_trim_whitespace(cols["timestamp"]), r"\.0*$", "")  # "8.0" is 8
-    t = _ints(stamp, file, "timestamp", nonnegative=False)
-    # Every rating must name a known user and item: nothing is dropped silently.
-    for ids, known, col, other in ((user, users["user_ids"], "user_id", user_file),
-                                   (item, items["item_ids"], "item_id", item_file)):
-        pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
-        _check(known[pos] != ids, cols[col], file, col, f"is not in {other}")
-    return MovieLens(user=user, item=item, rating=rating.astype(np.int8), time=t, **users, **items)
-
-
-def _find_atomic(folder: Path, kind: str) -> Path:
-    if not folder.is_dir():
-        raise MovieLensError(f"{folder}: not a folder (--source-dir wants the folder of the atomic files)")
-    hits = sorted(folder.glob(f"*.{kind}"))
-    if len(hits) != 1:
-        what = "none" if not hits else f"{len(hits)} ({', '.join(p.name for p in hits)})"
-        raise MovieLensError(f"{folder}: expected one *.{kind} atomic file, found {what}")
-    return hits[0]
-
-
-def _read_atomic(file: str, data: bytes, want: Sequence[str]) -> dict[str, pa.Array]:
-    """The ``want`` columns of a RecBole atomic file as strings; columns are matched by the name
-    before ``:`` in the header (``user_id:token`` is ``user_id``); quotes are plain characters."""
-    header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
-    names = [h.split(":", 1)[0].strip() for h in header.split("\t")]
-    missing = [w for w in want if w not in names]
-    if missing:
-        raise MovieLensError(f"{file}: missing column(s) {missing}; the header has {names}")
-    generic = [f"c{i}" for i in range(len(names))]  # header names may repeat; positions do not
-    pick = {w: generic[names.index(w)] for w in want}
-    try:
-        table = pacsv.read_csv(
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(skip_rows=1, column_names=generic),
-            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-            convert_options=pacsv.ConvertOptions(include_columns=list(pick.values()), strings_can_be_null=False,
-                                                 column_types={g: pa.string() for g in pick.values()}),
-        )
-    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-        raise MovieLensError(f"{file}: not a valid tab-separated atomic file: {e}") from None
-    return {w: table[g].combine_chunks() for w, g in pick.items()}
-
-
-def _check(bad: np.ndarray, values: pa.Array, file: str, col: str, problem: str) -> None:
-    """Raises naming the first bad row (1-based, counting data rows after the header)."""
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise MovieLensError(f"{file}: column '{col}', row {i + 1}: {values[i].as_py()!r} {problem} "
-                             f"({int(bad.sum())} bad row(s) in all)")
-
-
-def _numbers(values: pa.Array, file: str, col: str) -> np.ndarray:
-    text = pc.utf8_trim_whitespace(values)
-    _check(~pc.match_substring_regex(text, r"^-?[0-9]+(\.[0-9]*)?$").to_numpy(zero_copy_only=False), values,
-           file, col, "is not a number")
-    return pc.cast(text, pa.float64()).to_numpy()
-
-
-def _ints(values: pa.Array, file: str, col: str, nonnegative: bool = True) -> np.ndarray:
-    text = pc.utf8_trim_whitespace(values)
-    pattern = r"^[0-9]+$" if nonnegative else r"^-?[0-9]+$"
-    _check(~pc.match_substring_regex(text, pattern).to_numpy(zero_copy_only=False), values, file, col,
-           "is not a non-negative integer" if nonnegative else "is not an integer")
-    try:
-        return pc.cast(text, pa.int64()).to_numpy()
-    except pa.ArrowInvalid as e:
-        raise MovieLensError(f"{file}: column '{col}': {e}") from None
-
-
-def _strings(values: pa.Array, file: str, col: str) -> np.ndarray:
-    text = pc.utf8_trim_whitespace(values).to_numpy(zero_copy_only=False).astype(str)
-    _check(text == "", values, file, col, "is empty")
-    return text
-
-
-def _unique_order(ids: np.ndarray, values: pa.Array, file: str, col: str) -> np.ndarray:
-    """The permutation that sorts ``ids``; raises if an id repeats."""
-    order = np.argsort(ids, kind="stable")
-    repeat = np.zeros(len(ids), bool)
-    repeat[order[1:]] = ids[order[1:]] == ids[order[:-1]]
-    _check(repeat, values, file, col, "appears more than once")
-    return order
-
-
-# ---- features ---------------------------------------------------------------------------------------
 
 
 def _vocab_ids(values: np.ndarray) -> tuple[np.ndarray, int]:
@@ -476,34 +253,3 @@ def convert(out_dir: str | Path, source_dir: str | Path | None = None, wheel: st
     }
     log.info("summary: %s", summary)
     return summary
-
-
-# ---- command line ---------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``derm-movielens`` command: 0 on success, 2 (and a one-line message) on bad input."""
-    p = argparse.ArgumentParser(prog="derm-movielens", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__[__doc__.index("Usage"):__doc__.index("Glossary")].rstrip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="dataset root to write: spec.toml, ctr/, cvr/")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--source-dir", help="folder with one *.inter, *.user and *.item RecBole atomic file")
-    src.add_argument("--wheel", help="the recbole-1.2.1 wheel (default: downloaded once into .cache/recbole)")
-    p.add_argument("--negatives", type=int, default=4, help="negative impressions sampled per rating (default: 4)")
-    p.add_argument("--max-seq-len", type=int, default=50,
-                   help="longest user sequence kept, newest first (default: 50; ML-100K users average 106 ratings)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the negative sampling (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        convert(args.out, args.source_dir, args.wheel, args.negatives, args.max_seq_len, args.seed, args.overwrite)
-    except (MovieLensError, FileExistsError, FileNotFoundError) as e:
-        print(f"derm-movielens: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
