@@ -42,6 +42,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root
 
 from common.files import write_json_atomic  # noqa: E402
 from data.synthetic.config import PRESETS  # noqa: E402
+from pipeline.worklock import WorkInUse, WorkLock  # noqa: E402
 from sharding.snapshot_paths import is_snapshot, latest_snapshot_before, snapshot_path  # noqa: E402
 
 log = logging.getLogger("derm.pipeline")
@@ -92,6 +94,9 @@ class PipelineConfig:
     memMB: int = 8192
     max_parallel: int = 2
     """Jobs of one stage in flight at once."""
+    retries: int = 1
+    """Times a failed step is submitted again before the pipeline stops (0: never). A training job
+    resubmitted continues from its run's last snapshot. local_cwd itself never retries a job."""
     method: str = "ma"
     """Aggregation heuristic of the pools (paper §4.1.1): acc, ma or ap."""
     alpha: float = 0.9
@@ -130,6 +135,8 @@ class PipelineConfig:
             raise ValueError(f"min_positives must be >= 1, got {self.min_positives}")
         if self.max_parallel < 1:
             raise ValueError(f"max_parallel must be >= 1, got {self.max_parallel}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
         if self.synthetic_preset and self.synthetic_preset not in PRESETS:
             raise ValueError(f"synthetic_preset must be one of {sorted(PRESETS)} or empty, got {self.synthetic_preset!r}")
 
@@ -151,6 +158,7 @@ class Pipeline:
         self.work = Path(config.work)
         self.data = Path(config.data)
         self.submitted: list[str] = []
+        self.lock = WorkLock(self.work, config.scheduler)
         self._sources: list[str] | None = None
         self._day_key = "day"  # the spec's day partition key (spec.keys.day), read with the sources
 
@@ -316,19 +324,29 @@ class Pipeline:
         from torchx.runner import get_runner
 
         days, eval_days = self.days()
-        self._check_settings()
-        log.info("pipeline over %s (%d day(s)) on %s; work %s", ", ".join(days), len(days), self.config.scheduler, self.work)
         downstream_days = []
-        with get_runner() as runner:
-            for day in days:
-                upstream, lifecycle, downstream = self.stages(day, eval_days[day])
-                self._run_stage(runner, day, upstream)
-                self._run_stage(runner, day, lifecycle)
-                if not self.has_yesterday(day):
-                    log.info("%s downstream models start on the first day with yesterday's embeddings: not this one", day)
-                    continue
-                self._run_stage(runner, day, downstream)
-                downstream_days.append(day)
+        # SIGTERM (a scheduler stopping the driver, `kill`) unwinds like Ctrl-C: the jobs in flight
+        # are cancelled on the way out (_run_stage), and the runner closes the local ones.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+        try:
+            with get_runner() as runner, self.lock:
+                stopped = self.lock.acquire(runner)
+                if stopped:
+                    log.warning("stopped %d orphaned job(s) of a dead driver: %s", len(stopped), ", ".join(stopped))
+                self._check_settings()
+                log.info("pipeline over %s (%d day(s)) on %s; work %s", ", ".join(days), len(days), self.config.scheduler, self.work)
+                for day in days:
+                    upstream, lifecycle, downstream = self.stages(day, eval_days[day])
+                    self._run_stage(runner, day, upstream)
+                    self._run_stage(runner, day, lifecycle)
+                    if not self.has_yesterday(day):
+                        log.info("%s downstream models start on the first day with yesterday's embeddings: not this one", day)
+                        continue
+                    self._run_stage(runner, day, downstream)
+                    downstream_days.append(day)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         results = self.results(days, downstream_days, eval_days)
         self._write_results(results)
         return results
@@ -367,35 +385,49 @@ class Pipeline:
         write_json_atomic(path, now)
 
     def _run_stage(self, runner, day: str, steps: list[Step]) -> None:
-        todo = [s for s in steps if not s.done()]
+        """Runs the stage's steps not done yet, ``max_parallel`` at a time; a failed step is
+        submitted again up to ``retries`` times, then the stage's other jobs are cancelled and the
+        pipeline stops. On any exit by an exception (Ctrl-C, SIGTERM included) the jobs in flight
+        are cancelled."""
+        todo = [(s, 0) for s in steps if not s.done()]
         for s in steps:
-            if s not in todo:
+            if all(s is not t for t, _ in todo):
                 log.info("%s %-26s done already; skipped", day, s.name)
         cfg = self.scheduler_cfg()
-        while todo:
-            batch, todo = todo[: self.config.max_parallel], todo[self.config.max_parallel:]
-            handles = []
-            for s in batch:
-                handle = runner.run(s.app(), scheduler=self.config.scheduler, cfg=cfg)
-                self.submitted.append(f"{day} {s.name}")
-                log.info("%s %-26s submitted: %s", day, s.name, handle)
-                handles.append((s, handle, time.perf_counter()))
-            for i, (s, handle, t0) in enumerate(handles):
+        in_flight: list[tuple[Step, int, str, float]] = []
+        try:
+            while todo or in_flight:
+                while todo and len(in_flight) < self.config.max_parallel:
+                    s, attempt = todo.pop(0)
+                    handle = runner.run(s.app(), scheduler=self.config.scheduler, cfg=cfg)
+                    self.lock.submitted(handle, runner)
+                    self.submitted.append(f"{day} {s.name}")
+                    log.info("%s %-26s submitted: %s%s", day, s.name, handle, f" (retry {attempt})" if attempt else "")
+                    in_flight.append((s, attempt, handle, time.perf_counter()))
+                s, attempt, handle, t0 = in_flight.pop(0)
                 status = runner.wait(handle, wait_interval=1)
+                self.lock.finished(handle)
                 state = status.state.name if status is not None else "UNKNOWN"
                 problem = None
                 if state != "SUCCEEDED":
                     problem = f"{day} {s.name}: job {handle} ended {state}\n{_log_tail(runner, handle)}"
                 elif not s.done():
                     problem = f"{day} {s.name}: job {handle} succeeded but left no output for {day}"
-                if problem:
-                    # Stop the stage's other jobs before failing: a retry of the pipeline must not
-                    # find them still writing the outputs it is about to redo.
-                    for _, other, _ in handles[i + 1:]:
-                        runner.cancel(other)
-                        runner.wait(other, wait_interval=1)
+                if problem and attempt < self.config.retries:
+                    log.warning("%s; submitting it again (%d of %d)", problem, attempt + 1, self.config.retries)
+                    todo.insert(0, (s, attempt + 1))
+                elif problem:
                     raise PipelineError(problem)
-                log.info("%s %-26s succeeded in %.0f s", day, s.name, time.perf_counter() - t0)
+                else:
+                    log.info("%s %-26s succeeded in %.0f s", day, s.name, time.perf_counter() - t0)
+        except BaseException:
+            # Stop the stage's other jobs before leaving: a re-run of the pipeline must not find
+            # them still writing the outputs it is about to redo.
+            for _, _, other, _ in in_flight:
+                runner.cancel(other)
+                runner.wait(other, wait_interval=1)
+                self.lock.finished(other)
+            raise
 
     # ---- results ----------------------------------------------------------------------------
     def results(self, days: list[str], downstream_days: list[str], eval_days: dict[str, str]) -> dict[str, Any]:
@@ -514,6 +546,16 @@ def quality_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _raise_interrupt(signum, frame) -> None:  # noqa: ANN001
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 class PipelineError(RuntimeError):
     """A job of the pipeline failed (the message names the day, the step and the job's log tail)."""
 
@@ -571,9 +613,13 @@ def main(argv: list[str] | None = None) -> int:
         _ensure_data(config)
         t0 = time.perf_counter()
         results = Pipeline(config).run()
-    except (ValueError, PipelineError) as e:
+    except (ValueError, PipelineError, WorkInUse) as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt as e:
+        log.error("stopped (%s); the jobs in flight were cancelled, finished steps are kept: run the same command "
+                  "to go on", e or "Ctrl-C")
+        return 130
     print(f"\nDERM pipeline: {len(results['days'])} day(s), {len(results['jobs_submitted'])} job(s) run in "
           f"{time.perf_counter() - t0:.0f} s; downstream models with DERM embeddings {results['derm']} "
           f"({results['method']} pools) against the same models without:\n")

@@ -1,10 +1,17 @@
 """The daily pipeline (pipeline/driver.py) through TorchX's runner on ``local_cwd``: three days of
 the tiny world end to end, then a re-run that submits nothing; a failing job stops the pipeline
-naming the day, the step and the job's log; and the plan refuses what it cannot run."""
+naming the day, the step and the job's log; a failed step is retried; one driver per work folder,
+and a dead driver's jobs are stopped by the next; and the plan refuses what it cannot run."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +199,73 @@ def test_a_work_folder_from_before_a_new_setting_continues_at_its_default(tmp_pa
     Pipeline(config)._check_settings()  # sources and seed at their defaults: the same settings
     with pytest.raises(ValueError, match=r"made with other settings \(seed differ"):
         Pipeline(PipelineConfig(work=str(tmp_path), seed=1))._check_settings()
+
+
+# ---- one driver per work folder, orphans, retries ------------------------------------------------
+
+
+def test_a_second_driver_is_refused_with_the_holders_pid(tmp_path, tiny_world):
+    from pipeline.driver import main
+    from pipeline.worklock import WorkInUse, WorkLock
+
+    work = tmp_path / "work"
+    with WorkLock(work, "local_cwd") as held:
+        held.acquire()
+        with pytest.raises(WorkInUse, match=rf"{work} is in use by another pipeline driver \(pid {os.getpid()}, since "):
+            WorkLock(work, "local_cwd").acquire()
+        assert main([f"--data={tiny_world}", f"--work={work}", "--synthetic_preset="]) == 2  # the CLI: one line, exit 2
+    WorkLock(work, "local_cwd").acquire()  # released: the next driver takes it
+
+
+def _orphan(*argv: str) -> subprocess.Popen:
+    """A process in its own session, as TorchX's local_cwd starts a job's replica; reaped by a
+    thread, as init would reap it after its driver died."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", *argv], start_new_session=True)
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return proc
+
+
+def test_a_dead_drivers_jobs_are_stopped_by_the_next_one(tmp_path):
+    from pipeline.worklock import LOCK, WorkLock
+
+    work = tmp_path / "work"
+    work.mkdir()
+    mine, stranger = _orphan(f"--train.run_dir={work}/upstream/ctr"), _orphan("--train.run_dir=/elsewhere")
+    # What a driver killed with kill -9 leaves: the lock file naming its jobs, no lock held.
+    (work / LOCK).write_text(json.dumps({"pid": 999999, "scheduler": "local_cwd",
+                                         "jobs": {"local_cwd://torchx/up-1": [mine.pid], "local_cwd://torchx/up-2": [stranger.pid]}}))
+    t0 = time.monotonic()
+    lock = WorkLock(work, "local_cwd")
+    assert lock.acquire() == ["local_cwd://torchx/up-1", "local_cwd://torchx/up-2"]
+    assert time.monotonic() - t0 < 10  # SIGTERM was enough
+    assert mine.wait(timeout=5) == -signal.SIGTERM
+    assert stranger.poll() is None  # a PID that runs something else is never signalled
+    assert json.loads((work / LOCK).read_text())["jobs"] == {}
+    lock.release()
+    stranger.kill()
+
+
+def test_a_failed_step_is_submitted_again_then_the_stage_goes_on(tmp_path, tiny_world, in_repo):
+    """retries = 1: a job that fails once (its first attempt leaves a marker) runs again and the
+    stage succeeds; with retries = 0 the same step stops the pipeline."""
+    from torchx import specs
+    from torchx.runner import get_runner
+
+    from pipeline.driver import Step
+
+    def flaky(marker: Path) -> Step:
+        script = f"test -f {marker} && touch {marker}.done || {{ touch {marker}; exit 3; }}"
+        app = specs.AppDef("flaky", roles=[specs.Role("flaky", image=".", entrypoint="bash", args=["-c", script])])
+        return Step("flaky", lambda: Path(f"{marker}.done").exists(), lambda: app)
+
+    for retries, ok in ((1, True), (0, False)):
+        pipeline = Pipeline(_config(tiny_world, tmp_path / f"work{retries}", retries=retries))
+        with get_runner() as runner, pipeline.lock:
+            pipeline.lock.acquire(runner)
+            if ok:
+                pipeline._run_stage(runner, DAYS[0], [flaky(tmp_path / "m1")])
+                assert pipeline.submitted == [f"{DAYS[0]} flaky"] * 2
+            else:
+                with pytest.raises(PipelineError, match="flaky: job .* ended FAILED"):
+                    pipeline._run_stage(runner, DAYS[0], [flaky(tmp_path / "m0")])
+                assert pipeline.submitted == [f"{DAYS[0]} flaky"]
