@@ -139,3 +139,67 @@ def test_a_redis_password_never_goes_into_a_config_and_comes_from_the_environmen
     (tmp_path / "pw").write_text("s3cret\n")
     monkeypatch.setenv("DERM_REDIS_PASSWORD_FILE", str(tmp_path / "pw"))
     assert redis_client("redis://db:6379/0").connection_pool.connection_kwargs["password"] == "s3cret"
+
+
+# ---- a killed run resumes -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_day_resumes_and_ends_with_the_uninterrupted_weights(tiny_world, tmp_path):
+    """``kill -9`` of a training job on its second day, after a mid-day checkpoint; the same
+    command again keeps day 1, resumes day 2 at the checkpoint's step (each example once) and ends
+    with the weights of a run that was never interrupted (same RNG streams restored: within
+    1e-5, the tolerance of the in-process resume test)."""
+    import json
+
+    from common.config import dump_config
+    from data.spec import load_spec
+    from modules.derm import build_derm
+    from sharding.checkpoint import load_unsharded
+    from tests.helpers import D1, D2, SMALL_MODEL
+    from trainer.config import DataConfig, RunConfig, TrainConfig
+
+    def command(run_dir: Path) -> list[str]:
+        config = RunConfig(data=DataConfig(root=str(tiny_world), source="cvr", batch_size=32, synthetic_preset=""),
+                           train=TrainConfig(run_dir=str(run_dir), days=(D1, D2), eval_day="none", checkpoint_every=4,
+                                             log_every=50, threads=1),
+                           model=SMALL_MODEL)
+        dump_config(config, run_dir.with_suffix(".toml"))
+        return [sys.executable, "trainer/main.py", "--config", str(run_dir.with_suffix(".toml"))]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert subprocess.run(command(straight), cwd=REPO, capture_output=True, timeout=600).returncode == 0
+
+    job = subprocess.Popen(command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = killed / "snapshots" / "partial" / "meta.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        try:
+            if json.loads(partial.read_text())["day"] == D2:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    assert job.poll() is None, "the job ended before a checkpoint of day 2 was seen"
+    job.kill()
+    job.wait()
+    assert not (killed / "snapshots" / f"day={D2}").exists()
+
+    again = subprocess.run(command(killed), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "going on" in again.stderr or "resuming" in again.stderr
+    summary = json.loads((killed / "summary.json").read_text())
+    day1, day2 = summary["days"]
+    assert day1["resumed"] and day2["resumed_at_step"] > 0 and not (killed / "snapshots" / "partial").exists()
+    full = json.loads((straight / "summary.json").read_text())["days"]
+    assert day2["resumed_at_step"] + day2["steps"] == full[1]["steps"]  # every batch of day 2 trained on once
+    assert summary["global_step"] == json.loads((straight / "summary.json").read_text())["global_step"]
+
+    spec = load_spec(tiny_world / "spec.toml")
+    weights = []
+    for run in (straight, killed):
+        model = build_derm(spec, "cvr", SMALL_MODEL, device=torch.device("cpu"))
+        load_unsharded(run / "snapshots" / f"day={D2}", model)
+        weights.append(model.state_dict())
+    worst = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0] if weights[0][k].numel())
+    assert worst < 1e-5, worst

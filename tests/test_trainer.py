@@ -232,7 +232,7 @@ def test_bad_snapshots_are_refused_and_nothing_is_touched(two_rank_run, tiny_wor
     assert done.returncode == 2 and "its spec differs from" in done.stderr and "sparse" in done.stderr, done.stderr[-2000:]
 
     done = main_with(_config(str(world), str(copy), days=(D1,)))
-    assert done.returncode == 2 and "exists; set train.overwrite = true to retrain" in done.stderr
+    assert done.returncode == 2 and "exists (made by another run); set train.overwrite = true to retrain" in done.stderr
     assert sorted(p.name for p in (copy / "snapshots").iterdir()) == before  # nothing written or replaced
 
 

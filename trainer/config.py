@@ -78,6 +78,10 @@ class TrainConfig:
     skips evaluation."""
     max_steps_per_day: int = 0
     """Cap on steps per day (0: a full pass). For smoke runs."""
+    checkpoint_every: int = 0
+    """Steps between mid-day checkpoints (``RUN_DIR/snapshots/partial``; 0: none). The same command
+    re-run after a failure continues from the last complete day's snapshot, and from the latest
+    checkpoint of the day it was training: each example is trained on once (docs/training.md)."""
     log_every: int = 20
     """Steps between progress lines and TensorBoard points."""
     seed: int = 0
@@ -127,8 +131,8 @@ def check_data_train(d: DataConfig, t: TrainConfig) -> None:
             raise ValueError(f"data.{name} must be >= 1, got {getattr(d, name)}")
     if d.synthetic_preset and d.synthetic_preset not in PRESETS:
         raise ValueError(f"data.synthetic_preset must be one of {sorted(PRESETS)} or empty, got {d.synthetic_preset!r}")
-    if t.log_every < 1 or t.max_steps_per_day < 0 or d.num_workers < 0:
-        raise ValueError("train.log_every must be >= 1, train.max_steps_per_day and data.num_workers >= 0")
+    if t.log_every < 1 or t.max_steps_per_day < 0 or d.num_workers < 0 or t.checkpoint_every < 0:
+        raise ValueError("train.log_every must be >= 1, train.max_steps_per_day, train.checkpoint_every and data.num_workers >= 0")
 
 
 # ---- downstream models (paper §3.2, §4.1) -----------------------------------------------------

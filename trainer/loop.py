@@ -14,9 +14,12 @@ Order of construction (each step needs the one before):
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
+import json
 import logging
 import math
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +39,7 @@ from data.loader import day_partitions, make_loader
 from data.spec import FeatureSpec, load_spec
 from embeddings.representation import engagement_counts
 from modules.derm import build_derm
-from sharding.checkpoint import SnapshotError, latest_snapshot_before, load_snapshot, read_meta, save_snapshot, snapshot_path
+from sharding.checkpoint import SnapshotError, is_snapshot, latest_snapshot_before, load_snapshot, read_meta, save_snapshot, snapshot_path
 from sharding.collectives import all_gather_ids
 from sharding.distributed import DistContext
 from sharding.dmp import shard_model
@@ -166,6 +169,12 @@ class Trainer:
             loss_sum = loss_sum + parts["loss"]
             for k, v in parts.items():
                 sums[k] = sums[k] + v
+            every = cfg.train.checkpoint_every
+            if every and done % every == 0 and done < steps:  # a mid-day checkpoint, never of a NaN
+                if not math.isfinite(float(loss_sum)):
+                    raise NonFiniteLoss(f"day {day}: the training loss became non-finite by step {done}; stopping before "
+                                        "any checkpoint of it")
+                self.save(self.partial_path, day, done, overwrite=True)
             if done % cfg.train.log_every == 0 or done == steps:
                 secs = time.perf_counter() - t_window
                 rate = n_window * cfg.data.batch_size * self.ctx.world_size / max(secs, 1e-9)
@@ -307,12 +316,20 @@ class Trainer:
     def snapshot_path(self, day: str) -> Path:
         return snapshot_path(self.snapshots, day)
 
-    def save(self, path: Path, day: str, day_step: int) -> Path:
+    @property
+    def partial_path(self) -> Path:
+        """The mid-day checkpoint (``train.checkpoint_every``): one per run directory, replaced
+        as the day goes on, removed when the day's snapshot is written."""
+        return self.snapshots / "partial"
+
+    def save(self, path: Path, day: str, day_step: int, overwrite: bool | None = None, stats: dict | None = None) -> Path:
         meta = {
             "day": day, "source": self.source, **self.state_dict(), "day_step": day_step,
             "spec": self.spec.for_source(self.source).to_dict(), "model": to_dict(self.model_config),
+            "run": run_fingerprint(self.config), "stats": stats,
         }
-        saved = save_snapshot(path, self.model, self.optimizer, meta, overwrite=self.config.train.overwrite)
+        overwrite = self.config.train.overwrite if overwrite is None else overwrite
+        saved = save_snapshot(path, self.model, self.optimizer, meta, overwrite=overwrite)
         log.info("saved snapshot %s", saved)
         return saved
 
@@ -346,21 +363,43 @@ def run(config: RunConfig, ctx: DistContext, trainer_cls: type[Trainer] = Traine
     try:
         days = _plan_days(trainer, config)
         eval_day = _eval_day(trainer, days[-1], t.eval_day)
-        for day in days:  # refuse before training anything, so nothing is half-replaced
-            if trainer.snapshot_path(day).exists() and not t.overwrite:
-                raise SnapshotError(f"{trainer.snapshot_path(day)} exists; set train.overwrite = true to retrain {day}")
-        if t.mode == "incremental":
+        fingerprint = run_fingerprint(config)
+        # A re-run of the same command after a failure: the days it completed are kept (not
+        # with overwrite, which asks for them again), the rest trained from there.
+        done: list[tuple[str, dict]] = []
+        for day in days:
+            path = trainer.snapshot_path(day)
+            meta = read_meta(path) if is_snapshot(path) else None
+            if meta is not None and not t.overwrite and meta.get("run") == fingerprint and len(done) == days.index(day):
+                done.append((day, meta))
+            elif path.exists() and not t.overwrite:  # refuse before training anything: nothing half-replaced
+                raise SnapshotError(f"{path} exists (made by another run); set train.overwrite = true to retrain {day}")
+        todo = days[len(done):]
+        summary: dict[str, Any] = {**trainer.describe(), "mode": t.mode, "source": config.data.source,
+                                   "world_size": ctx.world_size,
+                                   "days": [{**(m.get("stats") or {"day": d}), "resumed": True} for d, m in done]}
+        partial = _partial_of(trainer, fingerprint, todo[0]) if todo else None
+        if partial is not None:
+            trainer.load(trainer.partial_path)
+            log.info("resuming %s at step %d from the run's mid-day checkpoint", todo[0], partial["day_step"])
+        elif done:
+            trainer.load(trainer.snapshot_path(done[-1][0]))
+            log.info("the same run completed %s before: going on from its snapshot", ", ".join(d for d, _ in done))
+        elif t.mode == "incremental":
             previous = trainer.latest_snapshot_before(days[0])
             if previous is None:
                 raise SnapshotError(
                     f"no snapshot before {days[0]} under {trainer.snapshots}; train the window first with --mode initial"
                 )
             trainer.load(previous)
-        summary: dict[str, Any] = {**trainer.describe(), "mode": t.mode, "source": config.data.source,
-                                   "world_size": ctx.world_size, "days": []}
-        for day in days:
-            stats = trainer.train_day(day)
-            trainer.save(trainer.snapshot_path(day), day, stats["steps"])
+        for i, day in enumerate(todo):
+            start = partial["day_step"] if partial is not None and i == 0 else 0
+            stats = trainer.train_day(day, start_step=start)
+            if start:
+                stats["resumed_at_step"] = start
+            trainer.save(trainer.snapshot_path(day), day, start + stats["steps"], stats=stats)
+            if ctx.is_main and trainer.partial_path.exists():
+                shutil.rmtree(trainer.partial_path, ignore_errors=True)
             summary["days"].append(stats)
         if eval_day:
             summary["eval_day"] = eval_day
@@ -378,6 +417,25 @@ def run(config: RunConfig, ctx: DistContext, trainer_cls: type[Trainer] = Traine
         return summary
     finally:
         trainer.close()
+
+
+def run_fingerprint(config: Any) -> str:
+    """What makes two runs the same run (a re-run continues, a different one is refused): the
+    resolved config without the settings that only say how to run it."""
+    d = to_dict(config)
+    for key in ("overwrite", "eval_day", "log_every", "threads", "pipeline", "checkpoint_every", "device"):
+        d["train"].pop(key, None)
+    for key in ("num_workers", "eval_batch_size"):
+        d["data"].pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _partial_of(trainer: Trainer, fingerprint: str, day: str) -> dict | None:
+    """The meta of the run's mid-day checkpoint of ``day``, when this same run wrote it."""
+    if not is_snapshot(trainer.partial_path):
+        return None
+    meta = read_meta(trainer.partial_path)
+    return meta if meta.get("run") == fingerprint and meta.get("day") == day else None
 
 
 def _plan_days(trainer: Trainer, config: RunConfig) -> list[str]:
