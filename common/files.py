@@ -72,3 +72,14 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     swap_dir(stage, out)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failed file operation, naming the path: what the command-line tools print
+    instead of a traceback (disk full above all, where the write that failed is the whole story)."""
+    import errno
+
+    path = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"disk full: no space left on the device{path}; free space or write elsewhere, then run the same command again"
+    return f"{e.strerror or e}{path}"

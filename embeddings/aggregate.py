@@ -330,6 +330,7 @@ def _parse_buckets(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.files import os_error_line
     from common.log import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m embeddings.aggregate", description=__doc__,
@@ -367,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, a vanished mount: one line naming the path
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     print(json.dumps(out, indent=2))
     return 0
 

@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
 
+    from common.files import os_error_line
     from common.log import setup_logging
     from data.columns import DataError
     from embeddings.aggregate import InputError, PoolError
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, SnapshotError, DataError, InputError, PoolError, FileExistsError) as e:
         log.error("%s", e)
         return 2
+    except OSError as e:  # disk full, a vanished mount: one line naming the path
+        log.error("%s", os_error_line(e))
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +23,9 @@ from common.files import write_text_atomic
 from embeddings.hash_index import build_slots, lookup_rows
 from embeddings.store import HISTORY_LIMIT, FeatureStore, VersionInfo, VersionWriter, as_ids, check_version_name
 
+log = logging.getLogger("derm.embeddings.store")
+WRITER_LOCK = ".writer"
+"""Held (flock) by a live writer inside its staging folder."""
 OPEN_VERSIONS = 4  # memory-mapped versions an EmbeddedStore keeps open (the active one, rollbacks)
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +126,24 @@ class EmbeddedStore(FeatureStore):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if self._version_dir(version).exists():
             raise ValueError(f"duplicate version {version!r}: versions are immutable; publish under a new name")
+        self.remove_dead_staging()
         return _EmbeddedWriter(self, version, int(dim))
+
+    def remove_dead_staging(self) -> list[str]:
+        """Removes what dead writers left in ``staging/``: versions whose writer died before
+        committing (a killed publish; its ``.writer`` lock is no longer held) and half-removed
+        deleted versions. A live writer's staging, in this process or another, is left alone.
+        Called by every ``begin_version``; returns the names removed."""
+        removed = []
+        staging = self.root / "staging"
+        with self._locked():
+            for d in sorted(staging.iterdir()) if staging.is_dir() else []:
+                if d.name.startswith(".deleted-") or (d.is_dir() and not _writer_alive(d)):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d.name)
+        if removed:
+            log.warning("%s: removed the staging of dead writers: %s", self.root, ", ".join(removed))
+        return removed
 
     def versions(self) -> list[str]:
         infos = []
@@ -159,6 +180,10 @@ class EmbeddedStore(FeatureStore):
             previous = state["history"][-1]
             self._write_pointer({"active": previous, "history": state["history"][:-1]})
             return previous
+
+    def rollback_target(self) -> str | None:
+        history = self._read_pointer()["history"]
+        return history[-1] if history else None
 
     def delete_version(self, version: str) -> None:
         with self._locked():
@@ -224,6 +249,9 @@ class _EmbeddedWriter(VersionWriter):
         self.store, self.version, self.dim = store, version, dim
         self.staging = store.root / "staging" / f"{version}@{uuid.uuid4().hex}"  # '@': never in a name
         self.staging.mkdir()
+        # Held while this writer lives: the kernel drops it when the process dies, however it dies.
+        self._alive = open(self.staging / WRITER_LOCK, "w")
+        fcntl.flock(self._alive, fcntl.LOCK_EX)
         self._ids: list[np.ndarray] = []
         self._rows = 0
         self._raw = open(self.staging / "emb.unsorted.f32", "wb")
@@ -258,7 +286,9 @@ class _EmbeddedWriter(VersionWriter):
             if target.exists():
                 self.abort()
                 raise ValueError(f"duplicate version {self.version!r}: it was committed meanwhile by another writer")
+            (self.staging / WRITER_LOCK).unlink()
             os.rename(self.staging, target)  # atomic: the version appears whole or not at all
+        self._alive.close()
         self._done = True
         return VersionInfo(self.version, self.dim, int(len(ids)), created)
 
@@ -282,6 +312,22 @@ class _EmbeddedWriter(VersionWriter):
         self._done = True
         self._raw.close()
         shutil.rmtree(self.staging, ignore_errors=True)
+        self._alive.close()
+
+
+def _writer_alive(staging: Path) -> bool:
+    """Whether the writer of a staging folder still runs: its ``.writer`` lock is held. A folder
+    without one (a writer between ``mkdir`` and its lock) counts as alive."""
+    try:
+        fh = open(staging / WRITER_LOCK, "r")
+    except FileNotFoundError:
+        return True
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
 
 
 def _fsync_dir_files(path: Path) -> None:

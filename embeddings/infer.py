@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.files import swap_dir  # noqa: E402
+from common.files import os_error_line, swap_dir  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script (torchrun embeddings/infer.py): import from the repo root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, SnapshotError, DataError, FileExistsError) as e:
         log.error("%s", e)
         return 2
+    except OSError as e:  # disk full, a vanished mount: one line naming the path
+        log.error("%s", os_error_line(e))
+        return 1
     finally:
         shutdown(failed=failed)
 

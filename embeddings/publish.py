@@ -202,6 +202,10 @@ def _format_versions(store: FeatureStore) -> str:
     return "\n".join(lines) if lines else "(no versions)"
 
 
+def _pruned(deleted: list[str]) -> str:
+    return f"pruned {len(deleted)} version(s): {', '.join(deleted)}" if deleted else "pruned nothing"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m embeddings.publish", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -215,9 +219,12 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--list", action="store_true", help="list the committed versions (* = active)")
     what.add_argument("--activate", metavar="VERSION", help="make a committed version the active one")
     what.add_argument("--rollback", action="store_true", help="re-activate the previously active version")
+    what.add_argument("--prune", metavar="KEEP", type=int,
+                      help="retention: delete all but the KEEP newest versions (never the active one or the rollback target)")
     p.add_argument("--version", help="name of the new version (with --pool), e.g. ctr-user-2026-01-03")
     p.add_argument("--ann-dir", metavar="DIR", help="also build a FAISS index into DIR/VERSION (Pin pools)")
     p.add_argument("--no-activate", action="store_true", help="commit the new version without activating it")
+    p.add_argument("--keep", type=int, metavar="KEEP", help="with --pool: then prune to the KEEP newest versions (as --prune)")
     p.add_argument("--batch-rows", type=int, default=BATCH_ROWS, help=f"rows per read/write step (default {BATCH_ROWS})")
     return p
 
@@ -227,8 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pool is not None and not args.version:
         parser.error("--pool needs --version")
-    if args.pool is None and (args.version or args.ann_dir or args.no_activate):
-        parser.error("--version, --ann-dir and --no-activate go with --pool")
+    if args.pool is None and (args.version or args.ann_dir or args.no_activate or args.keep is not None):
+        parser.error("--version, --ann-dir, --no-activate and --keep go with --pool")
     if args.batch_rows < 1:
         parser.error("--batch-rows must be positive")
     from common.log import setup_logging
@@ -243,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"active: {args.activate}")
         elif args.rollback:
             print(f"active: {store.rollback()} (rolled back)")
+        elif args.prune is not None:
+            print(_pruned(store.prune(args.prune)))
         else:
             report = publish(
                 args.pool, store, args.version, not args.no_activate, args.ann_dir, batch_rows=args.batch_rows
@@ -251,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ann = f"; ANN index {report.ann_path}" if report.ann_path else ""
             size = f"{report.rows:,} rows x {report.dim} dims"
             print(f"published {report.version}: {size} in {report.seconds:.1f} s ({state}){ann}")
+            if args.keep is not None:
+                print(_pruned(store.prune(args.keep)))
     except (ValueError, FileNotFoundError, pa.ArrowInvalid) as e:
         print(f"publish: error: {e}", file=sys.stderr)
         return 2

@@ -247,6 +247,10 @@ class RedisStore(FeatureStore):
             raise ValueError(f"nothing to roll back to: no version was active before {name.decode() or None!r}")
         return name.decode()
 
+    def rollback_target(self) -> str | None:
+        value = self.client.lindex(self._k_history, -1)
+        return None if value is None else value.decode()
+
     def delete_version(self, version: str) -> None:
         check_version_name(version)
         keys = [self._k_active, self._k_history, self._k_versions, self._data_key(version), self._pending_key(version)]

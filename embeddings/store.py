@@ -162,6 +162,24 @@ class FeatureStore(abc.ABC):
     def delete_version(self, version: str) -> None:
         """Removes a committed, non-active version (and forgets it in the rollback history)."""
 
+    @abc.abstractmethod
+    def rollback_target(self) -> str | None:
+        """The version `rollback` would re-activate (None when there is none)."""
+
+    def prune(self, keep: int) -> list[str]:
+        """The retention policy: deletes all but the ``keep`` newest committed versions, never the
+        active one nor the rollback target (which are kept on top of ``keep`` when older). Returns
+        the deleted names, oldest first. Safe beside readers: a reader resolves its version once
+        per ``get``, and only versions no default read can reach are deleted."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (the newest version is never pruned), got {keep}")
+        versions = self.versions()
+        protected = {self.active_version(), self.rollback_target()} - {None}
+        doomed = [v for v in versions[:-keep] if v not in protected]
+        for version in doomed:
+            self.delete_version(version)
+        return doomed
+
     def write_version(self, version: str, ids: np.ndarray, embeddings: np.ndarray) -> VersionInfo:
         """Writes and commits a whole version in one call (not activated)."""
         emb = np.asarray(embeddings)

@@ -20,6 +20,7 @@ on load, so a snapshot saved by N ranks loads into M ranks, or into one unsharde
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -40,6 +41,8 @@ from common.files import swap_dir
 from sharding.planner import plan_to_json
 from sharding.snapshot_paths import META, PLAN, is_snapshot, latest_snapshot_before, snapshot_path  # noqa: F401 (re-exported: the snapshot API)
 
+log = logging.getLogger("derm.checkpoint")
+
 
 class SnapshotError(ValueError):
     """A snapshot that is missing, incomplete or does not match the model being built."""
@@ -52,6 +55,10 @@ def save_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimize
     rank = dist.get_rank()
     if path.exists() and not overwrite:
         raise SnapshotError(f"{path} exists; refusing to overwrite it (set train.overwrite = true to replace it)")
+    if rank == 0:  # what an earlier save of this snapshot left when it was killed
+        for stale in [*path.parent.glob(f".{path.name}.staging-*"), *path.parent.glob(f".{path.name}.old-*")]:
+            log.warning("removing %s, left by a save of %s that did not finish", stale, path.name)
+            shutil.rmtree(stale, ignore_errors=True)
     name = [f".{path.name}.staging-{uuid.uuid4().hex[:8]}" if rank == 0 else None]
     dist.broadcast_object_list(name, src=0)
     stage = path.parent / name[0]

@@ -203,3 +203,38 @@ def test_a_run_killed_mid_day_resumes_and_ends_with_the_uninterrupted_weights(ti
         weights.append(model.state_dict())
     worst = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0] if weights[0][k].numel())
     assert worst < 1e-5, worst
+
+
+# ---- one-line errors ------------------------------------------------------------------------------
+
+
+def test_disk_full_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import common.log
+    import embeddings.aggregate as aggregate
+    from common.files import os_error_line
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "pool" / "part.parquet"))
+    assert os_error_line(full) == (f"disk full: no space left on the device ({tmp_path}/pool/part.parquet); free space or "
+                                   "write elsewhere, then run the same command again")
+
+    def no_space(*args, **kwargs):
+        raise full
+
+    monkeypatch.setattr(common.log, "setup_logging", lambda: None)
+    monkeypatch.setattr(aggregate, "aggregate_day", no_space)
+    assert aggregate.main(["--emb", str(tmp_path), "--pool", str(tmp_path / "pool"), "--source", "ctr", "--entity", "user",
+                           "--day", "2026-01-01", "--method", "acc"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: disk full") and "part.parquet" in err
+
+
+@pytest.mark.slow
+def test_an_unreachable_redis_is_one_line_naming_the_host(tiny_world, tmp_path):
+    done = subprocess.run([sys.executable, "trainer/main.py", "--task", "downstream", '--derm.features=["ctr_user"]',
+                           "--derm.redis_url=redis://127.0.0.1:1/0", f"--data.root={tiny_world}", "--data.source=ctr",
+                           "--data.synthetic_preset=", f"--train.run_dir={tmp_path / 'run'}", "--days", "2026-01-02",
+                           "--eval-day", "none"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "feature store (Redis) unreachable or failing: Error 111 connecting to 127.0.0.1:1" in done.stderr

@@ -129,6 +129,53 @@ def test_delete_version(store):
     assert store.get(np.arange(3), version="v2")[0][0, 0] == 22
 
 
+def test_prune_keeps_the_newest_the_active_and_the_rollback_target(backend, capsys):
+    """The retention policy, through the API and the CLI: the KEEP newest versions stay, and so do
+    the active one and the one a rollback would re-activate, however old."""
+    from embeddings.publish import main
+
+    store = backend.open()
+    for k in range(1, 7):
+        const_version(store, f"v{k}", k, n=10)
+    store.activate("v1")
+    store.activate("v2")  # active v2, rollback target v1: both older than the two newest
+    assert store.rollback_target() == "v1"
+    assert store.prune(keep=2) == ["v3", "v4"]
+    assert store.versions() == ["v1", "v2", "v5", "v6"] and store.active_version() == "v2"
+    assert store.rollback() == "v1"  # still there to go back to
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        store.prune(keep=0)
+    assert main([*backend.cli, "--prune", "1"]) == 0  # active v1, no rollback target now
+    assert "pruned 2 version(s): v2, v5" in capsys.readouterr().out
+    assert backend.open().versions() == ["v1", "v6"]
+
+
+def test_a_killed_publishers_staging_is_removed_by_the_next_writer(tmp_path):
+    """A publisher killed mid-version (here it kills itself with SIGKILL after writing rows) leaves
+    its staging folder; the next ``begin_version`` removes it, but never a live writer's."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "store"
+    live = EmbeddedStore(root).begin_version("live", DIM)
+    live.put(np.arange(10), np.ones((10, DIM), np.float32))
+    code = ("import os, signal, numpy as np; from embeddings.embedded_store import EmbeddedStore; "
+            f"w = EmbeddedStore({str(root)!r}).begin_version('v9', {DIM}); w.put(np.arange(1000), np.ones((1000, {DIM}), np.float32)); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == -signal.SIGKILL
+    assert len(list((root / "staging").glob("v9@*"))) == 1
+    with EmbeddedStore(root).begin_version("v10", DIM) as writer:
+        writer.put(np.arange(3), np.ones((3, DIM), np.float32))
+        writer.commit()
+    assert not list((root / "staging").glob("v9@*"))  # the dead writer's rows are gone
+    assert live.staging.is_dir()  # the live one's are not
+    live.commit()
+    assert EmbeddedStore(root).versions() == ["v10", "live"]
+
+
 # --- failures leave serving untouched ---------------------------------------------------------
 
 

@@ -229,7 +229,8 @@ def test_bad_snapshots_are_refused_and_nothing_is_touched(two_rank_run, tiny_wor
     grown = tuple(dataclasses.replace(f, num_embeddings=f.num_embeddings + 8) if f.name == "user_id" else f for f in spec.sparse)
     dataclasses.replace(spec, sparse=grown).dump(world / "spec.toml")
     done = main_with(_config(str(world), str(copy), mode="incremental", day=D3))
-    assert done.returncode == 2 and "its spec differs from" in done.stderr and "sparse" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and "its spec differs from" in done.stderr, done.stderr[-2000:]
+    assert "sparse.user_id.num_embeddings: " in done.stderr and " in the snapshot, " in done.stderr, done.stderr[-2000:]
 
     done = main_with(_config(str(world), str(copy), days=(D1,)))
     assert done.returncode == 2 and "exists (made by another run); set train.overwrite = true to retrain" in done.stderr
@@ -252,6 +253,16 @@ def test_the_users_torchx_command_trains_two_ranks_and_snapshots(tiny_world, tmp
     meta = (run_dir / "snapshots" / f"day={D1}" / "meta.json").read_text()
     assert '"world_size": 2' in meta
     assert "roc_auc" in (run_dir / "summary.json").read_text()
+
+
+def test_a_spec_or_model_difference_is_named_down_to_the_field():
+    from trainer.loop import _differences
+
+    saved = {"name": "w", "sparse": [{"name": "user_id", "num_embeddings": 100}, {"name": "pin_id", "num_embeddings": 50}]}
+    now = {"name": "w", "sparse": [{"name": "pin_id", "num_embeddings": 50}, {"name": "user_id", "num_embeddings": 108}],
+           "dense": [{"name": "age"}]}
+    assert _differences(saved, now) == ["dense: not in the snapshot", "sparse.user_id.num_embeddings: 100 in the snapshot, 108 now"]
+    assert _differences({"token_dim": 16}, {"token_dim": 32}) == ["token_dim: 16 in the snapshot, 32 now"]
 
 
 def test_summary_table_shows_no_oracle_column_on_real_data():

@@ -485,6 +485,26 @@ def _all_reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:
 
 def _same(path: Path, what: str, saved: dict, now: dict, now_name: str) -> None:
     if saved != now:
-        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise SnapshotError(f"{path}: its {what} differs from {now_name} (in {keys}); refusing to load it")
+        raise SnapshotError(f"{path}: its {what} differs from {now_name} ({'; '.join(_differences(saved, now)[:5])}); "
+                            "refusing to load it")
+
+
+def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
+    """Where two configs or specs differ, down to the field: ``sparse user_id.num_embeddings:
+    100 in the snapshot, 108 now``. Lists of named entries (features) are matched by name."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            key = f"{where}.{k}" if where else str(k)
+            if k not in now:
+                out.append(f"{key}: only in the snapshot")
+            elif k not in saved:
+                out.append(f"{key}: not in the snapshot")
+            else:
+                out += _differences(saved[k], now[k], key)
+        return out
+    named = (isinstance(saved, list) and isinstance(now, list) and all(isinstance(x, dict) and "name" in x for x in saved + now))
+    if named:
+        return _differences({x["name"]: x for x in saved}, {x["name"]: x for x in now}, where)
+    return [] if saved == now else [f"{where}: {saved!r} in the snapshot, {now!r} now"]
 

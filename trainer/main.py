@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here so that `--help` and config errors answer without loading TorchRec.
     import torch
+    from redis.exceptions import RedisError
 
+    from common.files import os_error_line
     from data.columns import DataError
     from data.spec import SpecError
     from sharding.checkpoint import SnapshotError
@@ -104,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, SnapshotError, DataError, SpecError, FileExistsError) as e:
         log.error("%s", e)
         return 2
+    except OSError as e:  # disk full, a vanished mount: one line naming the path
+        log.error("%s", os_error_line(e))
+        return 1
+    except RedisError as e:  # the downstream join's feature store (its URL holds no password)
+        log.error("feature store (Redis) unreachable or failing: %s", e)
+        return 1
     finally:
         shutdown(failed=failed)
 
