@@ -1,10 +1,12 @@
 """Writes that a reader never sees half of: a file written beside its target and renamed over it,
-a folder staged beside its target and swapped into place. Every output of the project that another
+a folder staged beside its target and swapped into place; and scratch folders claimed by a live
+process (``claim``), so that the next run removes those of a killed one (``remove_dead_folders``). Every output of the project that another
 process may read while it is written goes through here (configs, specs, summaries, pools, snapshots,
 datasets, ANN indexes, the feature store's pointer)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -12,7 +14,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 
 @contextmanager
@@ -83,3 +85,41 @@ def os_error_line(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return f"disk full: no space left on the device{path}; free space or write elsewhere, then run the same command again"
     return f"{e.strerror or e}{path}"
+
+
+OWNER = ".owner"
+"""The lock file a live process holds (``flock``) in a scratch folder it owns."""
+
+
+def claim(folder: str | os.PathLike) -> IO:
+    """Marks ``folder`` as owned by this process while the returned file stays open: an exclusive
+    ``flock`` on ``folder/.owner``, which the kernel drops when the process dies, however it dies.
+    Close the file once the folder is gone or handed on."""
+    fh = open(Path(folder) / OWNER, "w")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    return fh
+
+
+def owner_alive(folder: str | os.PathLike) -> bool:
+    """Whether the process that claimed ``folder`` still runs. A folder never claimed (its owner
+    between ``mkdir`` and ``claim``) counts as alive."""
+    try:
+        fh = open(Path(folder) / OWNER, "r")
+    except FileNotFoundError:
+        return True
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+
+
+def remove_dead_folders(parent: str | os.PathLike, pattern: str) -> list[Path]:
+    """Removes the folders of ``parent`` matching ``pattern`` whose owner died (killed scratch and
+    staging areas); returns them."""
+    parent = Path(parent)
+    dead = [d for d in sorted(parent.glob(pattern)) if d.is_dir() and not owner_alive(d)] if parent.is_dir() else []
+    for d in dead:
+        shutil.rmtree(d, ignore_errors=True)
+    return dead

@@ -22,6 +22,7 @@ Glossary: N rows, E embedding dimension, B number of buckets.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -31,7 +32,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from common.files import claim, remove_dead_folders
 from embeddings.daily_input import DailyBatch
+
+log = logging.getLogger("derm.embeddings.aggregate")
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -87,11 +91,15 @@ class BucketedDay:
                                   ("embedding", pa.list_(pa.float32(), dim))])
 
     def __enter__(self) -> BucketedDay:
+        for dead in remove_dead_folders(self.dir.parent, "_partition-*"):  # left by a killed aggregate
+            log.warning("removed %s, the split of an aggregate that was killed", dead)
         self.dir.mkdir(parents=True)
+        self._owner = claim(self.dir)
         return self
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._owner.close()
 
     def write(self, shares: list[Iterable[DailyBatch]]) -> None:
         """The streaming pass. ``shares`` are consecutive parts of the day in read order; each is

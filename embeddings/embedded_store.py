@@ -19,13 +19,11 @@ from typing import Iterator
 
 import numpy as np
 
-from common.files import write_text_atomic
+from common.files import OWNER, claim, owner_alive, write_text_atomic
 from embeddings.hash_index import build_slots, lookup_rows
 from embeddings.store import HISTORY_LIMIT, FeatureStore, VersionInfo, VersionWriter, as_ids, check_version_name
 
 log = logging.getLogger("derm.embeddings.store")
-WRITER_LOCK = ".writer"
-"""Held (flock) by a live writer inside its staging folder."""
 OPEN_VERSIONS = 4  # memory-mapped versions an EmbeddedStore keeps open (the active one, rollbacks)
 
 # ---------------------------------------------------------------------------------------------
@@ -132,13 +130,14 @@ class EmbeddedStore(FeatureStore):
     def remove_dead_staging(self) -> list[str]:
         """Removes what dead writers left in ``staging/``: versions whose writer died before
         committing (a killed publish; its ``.writer`` lock is no longer held) and half-removed
-        deleted versions. A live writer's staging, in this process or another, is left alone.
+        deleted versions (a live writer holds a ``flock`` in its staging folder: ``common.files.claim``).
+        A live writer's staging, in this process or another, is left alone.
         Called by every ``begin_version``; returns the names removed."""
         removed = []
         staging = self.root / "staging"
         with self._locked():
             for d in sorted(staging.iterdir()) if staging.is_dir() else []:
-                if d.name.startswith(".deleted-") or (d.is_dir() and not _writer_alive(d)):
+                if d.name.startswith(".deleted-") or (d.is_dir() and not owner_alive(d)):
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(d.name)
         if removed:
@@ -249,9 +248,7 @@ class _EmbeddedWriter(VersionWriter):
         self.store, self.version, self.dim = store, version, dim
         self.staging = store.root / "staging" / f"{version}@{uuid.uuid4().hex}"  # '@': never in a name
         self.staging.mkdir()
-        # Held while this writer lives: the kernel drops it when the process dies, however it dies.
-        self._alive = open(self.staging / WRITER_LOCK, "w")
-        fcntl.flock(self._alive, fcntl.LOCK_EX)
+        self._alive = claim(self.staging)  # the next begin_version removes it if this process dies
         self._ids: list[np.ndarray] = []
         self._rows = 0
         self._raw = open(self.staging / "emb.unsorted.f32", "wb")
@@ -286,7 +283,7 @@ class _EmbeddedWriter(VersionWriter):
             if target.exists():
                 self.abort()
                 raise ValueError(f"duplicate version {self.version!r}: it was committed meanwhile by another writer")
-            (self.staging / WRITER_LOCK).unlink()
+            (self.staging / OWNER).unlink()
             os.rename(self.staging, target)  # atomic: the version appears whole or not at all
         self._alive.close()
         self._done = True
@@ -313,21 +310,6 @@ class _EmbeddedWriter(VersionWriter):
         self._raw.close()
         shutil.rmtree(self.staging, ignore_errors=True)
         self._alive.close()
-
-
-def _writer_alive(staging: Path) -> bool:
-    """Whether the writer of a staging folder still runs: its ``.writer`` lock is held. A folder
-    without one (a writer between ``mkdir`` and its lock) counts as alive."""
-    try:
-        fh = open(staging / WRITER_LOCK, "r")
-    except FileNotFoundError:
-        return True
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
 
 
 def _fsync_dir_files(path: Path) -> None:

@@ -426,3 +426,25 @@ def test_heuristic_blend_is_float32_and_in_the_documented_order():
     assert out.dtype == np.float32
     assert out[0, 0] == np.float32(0.1) * np.float32(0.9) + np.float32(0.3) * np.float32(1 - 0.9)
     assert Heuristic("ap").combine(prev, last, daily)[0, 0] == (np.float32(0.2) + np.float32(0.3)) * np.float32(0.5)
+
+
+def test_a_killed_aggregates_split_is_removed_by_the_next_one(tmp_path):
+    """A killed aggregate leaves its ``_partition-*`` split (138 MB in issue 14's repro); the next
+    split in the same folder removes it, and never one whose owner still runs."""
+    import signal
+    import subprocess
+    import sys
+
+    from common.files import claim
+    from embeddings.buckets import BucketedDay
+
+    dead, live = tmp_path / "_partition-dead", tmp_path / "_partition-live"
+    code = (f"import os, signal; from pathlib import Path; from common.files import claim; Path({str(dead)!r}).mkdir(); "
+            f"f = claim({str(dead)!r}); os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == -signal.SIGKILL
+    live.mkdir()
+    owner = claim(live)
+    with BucketedDay(tmp_path, num_buckets=2, keep=[0, 1], dim=4) as day:
+        assert day.dir.is_dir()
+    assert not dead.exists() and live.is_dir() and not day.dir.exists()
+    owner.close()
