@@ -62,9 +62,29 @@ def is_published(work: Path, source: str, day: str, ann: bool = False) -> bool:
     return not ann or ann_dir(work, source, day).is_dir()
 
 
+def prune(work: Path, source: str, keep: int) -> list[str]:
+    """Prunes the source's user and Pin stores to the ``keep`` newest versions (the retention
+    policy of ``FeatureStore.prune``) and removes the ANN indexes of the pruned Pin versions."""
+    import shutil
+
+    from embeddings.embedded_store import EmbeddedStore
+
+    pruned = []
+    for entity in ENTITIES:
+        for version in EmbeddedStore(store_dir(work, source, entity)).prune(keep):
+            pruned.append(version)
+            shutil.rmtree(Path(work) / "ann" / version, ignore_errors=True)
+    if pruned:
+        log.info("%s: pruned %s (keeping the %d newest versions)", source, ", ".join(pruned), keep)
+    return pruned
+
+
 def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha: float | None, ann: bool,
-            batch_size: int, device: str) -> dict:
-    """The lifecycle of ``day`` for the snapshot's source (collective for inference)."""
+            batch_size: int, device: str, keep_versions: int = 0) -> dict:
+    """The lifecycle of ``day`` for the snapshot's source (collective for inference). The day is
+    done once its quality report is written (last); ``keep_versions`` > 0 then prunes each store to
+    that many newest versions (never the active one or the rollback target) and drops the ANN
+    indexes of pruned Pin versions."""
     import torch.distributed as dist
 
     from embeddings.aggregate import aggregate_day
@@ -77,6 +97,9 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
     from sharding.distributed import init_distributed, shutdown
 
     source = read_meta(snapshot)["source"]
+    if quality_path(work, source, day).is_file():  # written last: the day is done (its versions may be pruned since)
+        log.info("%s %s: already published; nothing to do", source, day)
+        return {"source": source, "day": day, "skipped": True}
     if is_published(work, source, day, ann):
         if quality_path(work, source, day).is_file():
             log.info("%s %s: already published; nothing to do", source, day)
@@ -108,6 +131,8 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
                     published = publish(pool_day, store, version, activate=True, ann_dir=work / "ann" if build_ann else None)
                     report[entity] = {"version": version, "rows": published.rows}
             write_quality(work, data, source, day)
+            if keep_versions:
+                report["pruned"] = prune(work, source, keep_versions)
         dist.barrier()
         return report
     finally:
@@ -125,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ann", action="store_true", help="also build a FAISS index of each Pin version")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per inference forward")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--keep-versions", type=int, default=0,
+                   help="after publishing, prune each store to this many newest versions (0: keep every version)")
     args = p.parse_args(argv)
+    if args.keep_versions < 0:
+        p.error("--keep-versions must be >= 0")
 
     from common.files import os_error_line
     from common.log import setup_logging
@@ -137,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         alpha = args.alpha if args.method == "ma" else None
         report = run_day(Path(args.snapshot), Path(args.data), args.day, Path(args.work), args.method, alpha, args.ann,
-                         args.batch_size, args.device)
+                         args.batch_size, args.device, args.keep_versions)
         log.info("done: %s", report)
         return 0
     except (ValueError, SnapshotError, DataError, InputError, PoolError, FileExistsError) as e:

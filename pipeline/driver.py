@@ -102,6 +102,10 @@ class PipelineConfig:
     alpha: float = 0.9
     ann: bool = True
     """Build a FAISS index of every Pin version."""
+    keep_versions: int = 0
+    """Retention of the feature stores: after each day's publish, keep this many newest versions
+    per store (never the active one or the rollback target) and drop the ANN indexes of the rest;
+    0 keeps every version. At least 2: a downstream day reads yesterday's and today's versions."""
     derm: tuple[str, ...] = ()
     """The DERM embeddings the downstream models read, each ``{source}_{user|pin}`` of a source
     that runs; empty: the user and Pin embeddings of every source that runs."""
@@ -135,6 +139,8 @@ class PipelineConfig:
             raise ValueError(f"min_positives must be >= 1, got {self.min_positives}")
         if self.max_parallel < 1:
             raise ValueError(f"max_parallel must be >= 1, got {self.max_parallel}")
+        if self.keep_versions < 0 or self.keep_versions == 1:
+            raise ValueError(f"keep_versions must be 0 (keep all) or >= 2 (a downstream day reads two versions), got {self.keep_versions}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
         if self.synthetic_preset and self.synthetic_preset not in PRESETS:
@@ -221,11 +227,13 @@ class Pipeline:
         """Whether every source published the day before ``day``: the downstream models of a day
         train on its embeddings, so they start on the first day that has them (before it, the DERM
         projection would train on zeros alone and meet real embeddings only at evaluation)."""
-        from embeddings.daily import is_published
+        from embeddings.version_quality import quality_path
 
         on_disk = self._on_disk()
         i = on_disk.index(day)
-        return i > 0 and all(is_published(self.work, s, on_disk[i - 1], self.config.ann) for s in self.sources())
+        # The quality report is the lifecycle's last output: the day was published (its versions
+        # may be pruned since, keep_versions).
+        return i > 0 and all(quality_path(self.work, s, on_disk[i - 1]).is_file() for s in self.sources())
 
     def _on_disk(self) -> list[str]:
         from data.loader import day_partitions
@@ -281,7 +289,6 @@ class Pipeline:
         return Step(f"upstream {source}", lambda: is_snapshot(snapshot_path(run_dir / "snapshots", day)), app)
 
     def _lifecycle(self, source: str, day: str) -> Step:
-        from embeddings.daily import is_published
         from embeddings.version_quality import quality_path
         from torchx_components import lifecycle
 
@@ -290,10 +297,11 @@ class Pipeline:
 
         def app():
             return lifecycle.daily(str(snapshot), str(self.data), day, str(self.work), method=c.method, alpha=c.alpha,
-                                   ann=c.ann, name=f"derm/lifecycle-{source}-{day}", **self._resources())
+                                   ann=c.ann, keep_versions=c.keep_versions, name=f"derm/lifecycle-{source}-{day}",
+                                   **self._resources())
 
         def done():
-            return is_published(self.work, source, day, c.ann) and quality_path(self.work, source, day).is_file()
+            return quality_path(self.work, source, day).is_file()  # written last, after the versions and the index
 
         return Step(f"lifecycle {source}", done, app)
 

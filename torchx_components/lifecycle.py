@@ -159,6 +159,7 @@ def daily(
     alpha: float = 0.9,
     ann: bool = True,
     batch_size: int = 4096,
+    keep_versions: int = 0,
     image: str = DERM_IMAGE,
     name: str = "derm/derm-lifecycle",
     j: str = "1x1",
@@ -184,11 +185,13 @@ def daily(
         alpha: ma only: weight on the previous pooled embedding, in [0, 1)
         ann: also build a FAISS index of the Pin version
         batch_size: rows per inference forward per rank
+        keep_versions: after publishing, prune each store to this many newest versions (0: keep all)
         j: [{min_nnodes}:]{nnodes}x{nproc_per_node}: inference ranks; rank 0 aggregates, publishes and measures
     """
     if method not in ("acc", "ma", "ap"):
         raise ValueError(f"--method {method!r}: expected acc, ma or ap")
     args = ["--snapshot", snapshot, "--data", data, "--day", day, "--work", work, "--method", method,
-            "--alpha", str(alpha), "--batch-size", str(batch_size), *(["--ann"] if ann else [])]
+            "--alpha", str(alpha), "--batch-size", str(batch_size), *(["--ann"] if ann else []),
+            *(["--keep-versions", str(keep_versions)] if keep_versions else [])]
     return torchrun_job(DAILY_SCRIPT, args, j, env, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
                         max_retries=max_retries, mounts=mounts)
