@@ -612,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unrecognised arguments {bad}; settings are written --key=value")
 
+    from torchx.schedulers.local_scheduler import SignalException
+
     from common.config import load_config
     from common.log import setup_logging
 
@@ -624,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, PipelineError, WorkInUse) as e:
         log.error("%s", e)
         return 2
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, SignalException) as e:  # TorchX's local scheduler turns SIGTERM into the latter
         log.error("stopped (%s); the jobs in flight were cancelled, finished steps are kept: run the same command "
                   "to go on", e or "Ctrl-C")
         return 130

@@ -270,3 +270,31 @@ def test_a_failed_step_is_submitted_again_then_the_stage_goes_on(tmp_path, tiny_
                 with pytest.raises(PipelineError, match="flaky: job .* ended FAILED"):
                     pipeline._run_stage(runner, DAYS[0], [flaky(tmp_path / "m0")])
                 assert pipeline.submitted == [f"{DAYS[0]} flaky"]
+
+
+@pytest.mark.slow
+def test_sigterm_cancels_the_jobs_in_flight(four_days, tmp_path):
+    """SIGTERM to a running driver (a scheduler stopping it, `kill`): its jobs are cancelled, not
+    orphaned, and it exits 130 saying how to go on."""
+    from pipeline.worklock import LOCK
+
+    work = tmp_path / "work"
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", f"--data={four_days}", f"--work={work}", "--synthetic_preset=",
+                               f'--days=["{DAYS[0]}"]'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    groups: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not groups and driver.poll() is None:
+        time.sleep(0.2)
+        try:
+            groups = [g for gs in json.loads((work / LOCK).read_text())["jobs"].values() for g in gs]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+    assert groups, "no job was seen in flight"
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130 and "run the same command to go on" in err, err[-2000:]
+    for g in groups:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(g, 0)
+    assert json.loads((work / LOCK).read_text())["jobs"] == {}
