@@ -89,6 +89,10 @@ class PipelineConfig:
     """Container image of the jobs (ignored by local_cwd)."""
     j: str = "1x1"
     """nnodes x processes per node of the training and inference jobs."""
+    launcher: str = "auto"
+    """How the training and inference jobs start: torchrun, python (one process, no torchrun agent;
+    ``j = "1x1"`` only), or auto: python for one-process jobs on local_cwd (a few seconds less per
+    job: bench/bench_startup.py), torchrun everywhere else."""
     cpu: int = 2
     gpu: int = 0
     memMB: int = 8192
@@ -141,6 +145,8 @@ class PipelineConfig:
             raise ValueError(f"max_parallel must be >= 1, got {self.max_parallel}")
         if self.keep_versions < 0 or self.keep_versions == 1:
             raise ValueError(f"keep_versions must be 0 (keep all) or >= 2 (a downstream day reads two versions), got {self.keep_versions}")
+        if self.launcher not in ("auto", "torchrun", "python"):
+            raise ValueError(f"launcher must be auto, torchrun or python, got {self.launcher!r}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
         if self.synthetic_preset and self.synthetic_preset not in PRESETS:
@@ -256,6 +262,8 @@ class Pipeline:
     def _resources(self) -> dict[str, Any]:
         c = self.config
         out = {"image": c.image, "j": c.j, "cpu": c.cpu, "gpu": c.gpu, "memMB": c.memMB}
+        if c.launcher == "python" or (c.launcher == "auto" and c.scheduler == "local_cwd" and c.j == "1x1"):
+            out["launcher"] = "python"  # one process here: no torchrun agent to start
         threads = self.threads_per_rank()
         if threads:
             out["env"] = {"DERM_THREADS": str(threads)}

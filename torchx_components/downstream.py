@@ -42,6 +42,7 @@ def train(
     rdzv_backend: str = "c10d",
     mounts: Optional[List[str]] = None,
     debug: bool = False,
+    launcher: str = "torchrun",
 ) -> specs.AppDef:
     """
     Trains and evaluates a downstream CTR or CVR model that reads DERM embeddings: ``trainer/main.py --task downstream``.
@@ -78,5 +79,5 @@ def train(
     args = ["--task=downstream", f"--kind={kind}", *_trainer_args(mode_args, config, overrides)]
     return torchrun_job(
         DOWNSTREAM_SCRIPT, args, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env,
-        max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug,
+        max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug, launcher=launcher,
     )

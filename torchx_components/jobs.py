@@ -22,7 +22,10 @@ JOB_ARG_DOCS = {
     "rdzv_backend": "torchrun rendezvous backend (multi-node only; c10d or static)",
     "mounts": "mounts into the containers, e.g. type=bind,src=/data,dst=/data[,readonly] (see the scheduler's docs)",
     "debug": "run with PyTorch's distributed debug flags set (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)",
+    "launcher": "torchrun, or python: one process started directly, without torchrun's agent (-j 1x1 only; "
+                "the pipeline's choice on local_cwd, where the agent's start-up is a few seconds per job)",
 }
+LAUNCHERS = ("torchrun", "python")
 
 Component = TypeVar("Component", bound=Callable[..., specs.AppDef])
 
@@ -52,10 +55,21 @@ def _one_gpu_per_rank(app: specs.AppDef, j: str) -> specs.AppDef:
     return app
 
 
-def torchrun_job(script: str, args: List[str], j: str, env: Optional[Dict[str, str]] = None, **ddp: Any) -> specs.AppDef:
-    """``script args`` as a ``dist.ddp`` (torchrun) job, refusing more ranks per node than GPUs."""
+def torchrun_job(script: str, args: List[str], j: str, env: Optional[Dict[str, str]] = None, launcher: str = "torchrun",
+                 **ddp: Any) -> specs.AppDef:
+    """``script args`` as a ``dist.ddp`` (torchrun) job, refusing more ranks per node than GPUs.
+    ``launcher = "python"`` runs a one-process job (``-j 1x1``) as ``python script args``: the
+    scripts join a one-rank group of their own without torchrun's environment
+    (``sharding.distributed.init_distributed``), and the agent's start-up is saved."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+    if launcher == "python" and builtin_dist.parse_nnodes(j)[:3] != (1, 1, 1):
+        raise ValueError(f"--launcher python runs one process: it needs -j 1x1, got -j {j}")
     # ddp adds its own variables to the env dict it gets: give it a copy.
     app = builtin_dist.ddp(*args, script=script, j=j, env=dict(env) if env else None, **ddp)
+    if launcher == "python":
+        role = app.roles[0]
+        role.entrypoint, role.args = "python", [script, *args]
     return _one_gpu_per_rank(app, j)
 
 

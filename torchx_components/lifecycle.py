@@ -40,6 +40,7 @@ def infer(
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     mounts: Optional[List[str]] = None,
+    launcher: str = "torchrun",
 ) -> specs.AppDef:
     """
     Daily inference (one day) or back-inference (several) of user and Pin embeddings from a snapshot.
@@ -58,7 +59,7 @@ def infer(
     args = ["--snapshot", snapshot, "--data", data, "--days", ",".join(split_days(days)), "--out", out,
             "--batch-size", str(batch_size), *(["--overwrite"] if overwrite else [])]
     return torchrun_job(INFER_SCRIPT, args, j, env, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
-                        max_retries=max_retries, mounts=mounts)
+                        max_retries=max_retries, mounts=mounts, launcher=launcher)
 
 
 @documented_job_args
@@ -170,6 +171,7 @@ def daily(
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     mounts: Optional[List[str]] = None,
+    launcher: str = "torchrun",
 ) -> specs.AppDef:
     """
     One day of the lifecycle for one upstream model: inference, aggregation and publishing of its
@@ -194,4 +196,4 @@ def daily(
             "--alpha", str(alpha), "--batch-size", str(batch_size), *(["--ann"] if ann else []),
             *(["--keep-versions", str(keep_versions)] if keep_versions else [])]
     return torchrun_job(DAILY_SCRIPT, args, j, env, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
-                        max_retries=max_retries, mounts=mounts)
+                        max_retries=max_retries, mounts=mounts, launcher=launcher)

@@ -70,6 +70,7 @@ def initial(
     rdzv_backend: str = "c10d",
     mounts: Optional[List[str]] = None,
     debug: bool = False,
+    launcher: str = "torchrun",
 ) -> specs.AppDef:
     """
     Initial training of the upstream DERM model over a window of days: ``trainer/main.py --mode initial``.
@@ -90,7 +91,7 @@ def initial(
     return torchrun_job(
         TRAINER_SCRIPT, _trainer_args(mode_args, config, overrides),
         image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, max_retries=max_retries,
-        rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug,
+        rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug, launcher=launcher,
     )
 
 
@@ -112,6 +113,7 @@ def incremental(
     rdzv_backend: str = "c10d",
     mounts: Optional[List[str]] = None,
     debug: bool = False,
+    launcher: str = "torchrun",
 ) -> specs.AppDef:
     """
     Daily incremental training of the upstream DERM model: ``trainer/main.py --mode incremental --day DAY``.
@@ -132,5 +134,5 @@ def incremental(
     return torchrun_job(
         TRAINER_SCRIPT, _trainer_args(["--mode", "incremental", "--day", day], config, overrides),
         image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, max_retries=max_retries,
-        rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug,
+        rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts, debug=debug, launcher=launcher,
     )
