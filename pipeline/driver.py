@@ -476,7 +476,8 @@ class Pipeline:
         return {"days": days, "downstream_days": downstream_days, "sources": self.sources(), "derm": self.derm(),
                 "method": self.config.method,
                 "alpha": self.config.alpha, "similarity": self.config.similarity, "min_positives": self.config.min_positives,
-                "rows": rows, "embedding_quality": self.embedding_quality(days), "jobs_submitted": self.submitted}
+                "rows": rows, "upstream": self.upstream_eval(days), "embedding_quality": self.embedding_quality(days),
+                "jobs_submitted": self.submitted}
 
     def _trained_until(self, source: str, with_derm: bool, day: str, downstream_days: list[str]) -> dict[str, Any]:
         """The summary of the run of ``source`` that ended on ``day``, and the examples and steps
@@ -485,6 +486,21 @@ class Pipeline:
         summaries = [_read_json(run_dir / "summaries" / f"{d}.json") for d in downstream_days if d <= day]
         return {"summary": summaries[-1], "steps": summaries[-1]["global_step"],
                 "examples": sum(s["examples"] for summary in summaries for s in summary["days"])}
+
+    def upstream_eval(self, days: list[str]) -> list[dict[str, Any]]:
+        """Per day, source and label: the upstream model trained up to the day, evaluated on the
+        next day (its ROC-AUC, PR-AUC and positives; None where the run did not evaluate)."""
+        out = []
+        for day in days:
+            for source in self.sources():
+                path = self.work / "upstream" / source / "summaries" / f"{day}.json"
+                summary = _read_json(path) if path.is_file() else {}
+                for label, m in (summary.get("eval") or {}).items():
+                    few = m["positives"] < self.config.min_positives
+                    out.append({"day": day, "eval_day": summary.get("eval_day"), "model": source, "label": label,
+                                "positives": m["positives"], "too_few_positives": few,
+                                "roc_auc": None if few else m["roc_auc"], "pr_auc": None if few else m["pr_auc"]})
+        return out
 
     def embedding_quality(self, days: list[str]) -> list[dict[str, Any]]:
         """One entry per day and published embedding (ctr_user, ctr_pin, cvr_user, cvr_pin): spread,
@@ -516,7 +532,8 @@ class Pipeline:
     def _write_results(self, results: dict[str, Any]) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "results.json").write_text(json.dumps(results, indent=1))
-        (self.work / "results.md").write_text(results_table(results) + "\n\n" + quality_table(results) + "\n")
+        (self.work / "results.md").write_text(results_table(results) + "\n\n" + upstream_table(results) + "\n\n"
+                                              + quality_table(results) + "\n")
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -539,6 +556,15 @@ def results_table(results: dict[str, Any]) -> str:
                        num(r.get("oracle_roc_auc"), ".4f")]
         lines.append("| " + " | ".join([r["day"], r["eval_day"], r["model"], r["label"], *metrics, str(r["positives"]), seen,
                                          coverage]) + " |")
+    return "\n".join(lines)
+
+
+def upstream_table(results: dict[str, Any]) -> str:
+    """The upstream models' own evaluation on the next day, as a markdown table."""
+    lines = ["| trained | eval | upstream model | label | ROC-AUC | PR-AUC | positives |", "|" + "---|" * 7]
+    for r in results.get("upstream", []):
+        auc = (["too few positives", "–"] if r["too_few_positives"] else [format(r["roc_auc"], ".4f"), format(r["pr_auc"], ".4f")])
+        lines.append("| " + " | ".join([r["day"], str(r["eval_day"]), r["model"], r["label"], *auc, str(r["positives"])]) + " |")
     return "\n".join(lines)
 
 
@@ -645,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nRepresentation quality of the published embeddings (lifecycle, quality/; contrastive loss: the upstream "
           "model's on the next day, chance = ln B):\n")
     print(quality_table(results))
+    print("\nThe upstream models on the next day:\n")
+    print(upstream_table(results))
     print(f"\n{config.work}/results.md, results.json; job logs in {config.work}/logs")
     return 0
 

@@ -79,6 +79,10 @@ def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_r
         assert 0.0 <= q["popularity_recall_at_100"] <= 1.0 and 0.0 <= q["recall_at_100"] <= 1.0
         assert q["contrastive_loss"] > 0 and q["ln_batch"] > 0
     assert "| day | embedding | mean cos |" in (work / "results.md").read_text()
+    upstream = results["upstream"]  # every upstream model evaluated on the next day
+    assert {(u["day"], u["model"]) for u in upstream} == {(d, m) for d in DAYS for m in ("ctr", "cvr")}
+    assert all(u["roc_auc"] is None or 0.0 <= u["roc_auc"] <= 1.0 for u in upstream) and any(u["roc_auc"] for u in upstream)
+    assert "| trained | eval | upstream model |" in (work / "results.md").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("meta.json")}
     again = Pipeline(_config(four_days, work, keep_versions=2)).run()  # pruned days count as done
