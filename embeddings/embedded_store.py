@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from common.files import OWNER, claim, owner_alive, write_text_atomic
+from common.files import OWNER, claim, remove_dead_folders, write_text_atomic
 from embeddings.hash_index import build_slots, lookup_rows
 from embeddings.store import HISTORY_LIMIT, FeatureStore, VersionInfo, VersionWriter, as_ids, check_version_name
 
@@ -129,20 +129,17 @@ class EmbeddedStore(FeatureStore):
 
     def remove_dead_staging(self) -> list[str]:
         """Removes what dead writers left in ``staging/``: versions whose writer died before
-        committing (a killed publish; its ``.writer`` lock is no longer held) and half-removed
-        deleted versions (a live writer holds a ``flock`` in its staging folder: ``common.files.claim``).
-        A live writer's staging, in this process or another, is left alone.
-        Called by every ``begin_version``; returns the names removed."""
-        removed = []
+        committing (a killed publish: its claim, ``common.files.claim``, is no longer held) and
+        half-removed deleted versions. A live writer's staging, in this process or another, is
+        left alone. Called by every ``begin_version``; returns the names removed."""
         staging = self.root / "staging"
         with self._locked():
-            for d in sorted(staging.iterdir()) if staging.is_dir() else []:
-                if d.name.startswith(".deleted-") or (d.is_dir() and not owner_alive(d)):
-                    shutil.rmtree(d, ignore_errors=True)
-                    removed.append(d.name)
+            removed = remove_dead_folders(staging, "*@*") + sorted(staging.glob(".deleted-*"))
+            for d in removed:
+                shutil.rmtree(d, ignore_errors=True)
         if removed:
-            log.warning("%s: removed the staging of dead writers: %s", self.root, ", ".join(removed))
-        return removed
+            log.warning("%s: removed the staging of dead writers: %s", self.root, ", ".join(d.name for d in removed))
+        return [d.name for d in removed]
 
     def versions(self) -> list[str]:
         infos = []

@@ -367,10 +367,10 @@ def run(config: RunConfig, ctx: DistContext, trainer_cls: type[Trainer] = Traine
         # A re-run of the same command after a failure: the days it completed are kept (not
         # with overwrite, which asks for them again), the rest trained from there.
         done: list[tuple[str, dict]] = []
-        for day in days:
+        for i, day in enumerate(days):
             path = trainer.snapshot_path(day)
             meta = read_meta(path) if is_snapshot(path) else None
-            if meta is not None and not t.overwrite and meta.get("run") == fingerprint and len(done) == days.index(day):
+            if meta is not None and not t.overwrite and meta.get("run") == fingerprint and len(done) == i:  # a prefix only
                 done.append((day, meta))
             elif path.exists() and not t.overwrite:  # refuse before training anything: nothing half-replaced
                 raise SnapshotError(f"{path} exists (made by another run); set train.overwrite = true to retrain {day}")
