@@ -93,6 +93,11 @@ class PipelineConfig:
     """How the training and inference jobs start: torchrun, python (one process, no torchrun agent;
     ``j = "1x1"`` only), or auto: python for one-process jobs on local_cwd (a few seconds less per
     job: bench/bench_startup.py), torchrun everywhere else."""
+    chain: bool = True
+    """With one-process jobs (launcher python), run a source's upstream training and lifecycle as
+    one job, and the day's downstream models as ``max_parallel`` jobs, each running its steps in
+    turn in one interpreter (``pipeline/chain.py``): torch and TorchRec are imported once per job,
+    not once per step (bench/bench_startup.py). False: one job per step, as on a cluster."""
     cpu: int = 2
     gpu: int = 0
     memMB: int = 8192
@@ -222,12 +227,35 @@ class Pipeline:
         return days, {d: on_disk[on_disk.index(d) + 1] for d in days}
 
     def stages(self, day: str, eval_day: str) -> list[list[Step]]:
+        """The day's three stages: upstream, lifecycle, downstream. Chained (``chain``), the
+        lifecycle of each source runs in its upstream job, so the second stage is empty, and the
+        downstream models are dealt round-robin to ``max_parallel`` jobs."""
         sources = self.sources()
-        return [
-            [self._upstream(s, day, eval_day) for s in sources],
-            [self._lifecycle(s, day) for s in sources],
-            [self._downstream(s, derm, day, eval_day) for s in sources for derm in self._variants()],
-        ]
+        upstream = [self._upstream(s, day, eval_day) for s in sources]
+        lifecycle = [self._lifecycle(s, day) for s in sources]
+        downstream = [self._downstream(s, derm, day, eval_day) for s in sources for derm in self._variants()]
+        if not self.chained():
+            return [upstream, lifecycle, downstream]
+        n = min(self.config.max_parallel, len(downstream))
+        groups = [downstream[i::n] for i in range(n)]
+        return [[self._chain(f"upstream+lifecycle {s}", f"derm/upstream-lifecycle-{s}-{day}", [u, lc])
+                 for s, u, lc in zip(sources, upstream, lifecycle)],
+                [],
+                [self._chain(f"downstream {'+'.join(t.name.split()[-1] for t in group)}", f"derm/downstream-{i}-{day}", group)
+                 for i, group in enumerate(groups)]]
+
+    def chained(self) -> bool:
+        """Whether the steps run chained: ``chain`` and one-process jobs."""
+        return self.config.chain and self._resources().get("launcher") == "python"
+
+    @staticmethod
+    def _chain(name: str, job_name: str, steps: list[Step]) -> Step:
+        """One job running ``steps`` in turn: done when all are; submitted with the ones not done."""
+        from torchx_components.jobs import chain_job
+
+        if len(steps) == 1:
+            return steps[0]
+        return Step(name, lambda: all(s.done() for s in steps), lambda: chain_job(job_name, [s.app() for s in steps if not s.done()]))
 
     def has_yesterday(self, day: str) -> bool:
         """Whether every source published the day before ``day``: the downstream models of a day

@@ -45,10 +45,12 @@ def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_r
     work = tmp_path / "work"
     # keep_versions = 2: the stores' retention (day 1's versions and index go once day 3 publishes)
     first = Pipeline(_config(four_days, work, days=tuple(DAYS[:2]), keep_versions=2)).run()
-    # day 1: upstream + lifecycle only (no embeddings of the day before); day 2: all six jobs
-    assert len(first["jobs_submitted"]) == 4 + 6
+    # Chained (one-process jobs on local_cwd): a job per source for upstream + lifecycle, on day 1
+    # only those (no embeddings of the day before), on day 2 also one job per downstream model
+    assert first["jobs_submitted"] == [f"{d} {job}" for d in DAYS[:2] for job in ("upstream+lifecycle ctr", "upstream+lifecycle cvr")
+                                       + (("downstream ctr-derm", "downstream cvr-derm") if d == DAYS[1] else ())]
     results = Pipeline(_config(four_days, work, keep_versions=2)).run()  # all three days: only day 3 is left to do
-    assert results["days"] == DAYS and results["downstream_days"] == DAYS[1:] and len(results["jobs_submitted"]) == 6
+    assert results["days"] == DAYS and results["downstream_days"] == DAYS[1:] and len(results["jobs_submitted"]) == 4
     assert all(job.startswith(DAYS[2]) for job in results["jobs_submitted"])
 
     for source in ("ctr", "cvr"):
@@ -98,9 +100,10 @@ def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_r
 def test_a_failing_job_stops_the_pipeline_with_its_log(four_days, tmp_path, in_repo):
     config = _config(four_days, tmp_path / "work", days=(DAYS[0],), max_parallel=1,
                      upstream_overrides=("--model.token_dim=3",))
-    with pytest.raises(PipelineError, match=r"(?s)2026-01-01 upstream ctr: job .* ended FAILED.*token_dim must be an even number"):
+    with pytest.raises(PipelineError, match=r"(?s)2026-01-01 upstream\+lifecycle ctr: job .* ended FAILED.*token_dim must be an even number"):
         Pipeline(config).run()
     assert not (tmp_path / "work" / "upstream" / "cvr").exists()  # nothing after the failed step ran
+    assert not (tmp_path / "work" / "emb").exists()  # nor the lifecycle chained after it
 
 
 def test_plan_refuses_days_without_a_next_day_and_missing_sources(four_days, tiny_world, tmp_path):
@@ -125,12 +128,12 @@ def test_plan_refuses_days_without_a_next_day_and_missing_sources(four_days, tin
 @pytest.mark.slow
 def test_a_click_only_log_runs_end_to_end(four_days, tmp_path, in_repo):
     """A spec with one source, as a click log alone is: one upstream model, its two embeddings,
-    one downstream model and its baseline."""
+    one downstream model and its baseline; one job per step (``chain = false``, as on a cluster)."""
     root, work = tmp_path / "clicks", tmp_path / "work"
     root.mkdir()
     (root / "ctr").symlink_to(four_days / "ctr", target_is_directory=True)
     load_spec(four_days / "spec.toml").for_source("ctr").dump(root / "spec.toml")
-    results = Pipeline(_config(root, work, days=tuple(DAYS[:2]), baseline=True)).run()
+    results = Pipeline(_config(root, work, days=tuple(DAYS[:2]), baseline=True, chain=False)).run()
     assert results["sources"] == ["ctr"] and results["derm"] == ["ctr_user", "ctr_pin"]
     assert len(results["jobs_submitted"]) == 2 + 4  # day 1: upstream, lifecycle; day 2: + DERM and baseline models
     assert {(r["model"], r["kind"], r["day"]) for r in results["rows"]} == {("ctr", "ctr", DAYS[1])}
@@ -182,6 +185,28 @@ def test_results_table_shows_lift_against_the_baseline(tiny_world, tmp_path):
     table = quality_table(results)
     assert "| 2026-01-01 | ctr_pin | 0.970 | 9.5 / 64 | – | 0.010 | 0.120 | 0.300 | 6.100 | 6.24 | 0.0500 |" in table
     assert "| 2026-01-01 | cvr_user | 0.970 | 9.5 / 64 | – | 0.010 | 0.120 | 0.300 | – | – | – |" in table
+
+
+def test_local_one_process_steps_run_chained_and_resubmit_only_what_is_not_done(four_days, tmp_path):
+    """On local_cwd with one-process jobs, upstream + lifecycle of a source are one job and the
+    downstream models are dealt to ``max_parallel`` jobs; the job of a chain whose first step is
+    done runs only the rest. Elsewhere, or with chain = false, every step is a job of its own."""
+    pipeline = Pipeline(_config(four_days, tmp_path, baseline=True))
+    first, second, third = pipeline.stages(DAYS[1], DAYS[2])
+    assert [s.name for s in first] == ["upstream+lifecycle ctr", "upstream+lifecycle cvr"] and second == []
+    assert [s.name for s in third] == ["downstream ctr-derm+cvr-derm", "downstream ctr-baseline+cvr-baseline"]
+    args = first[0].app().roles[0].args
+    assert args[:3] == ["-m", "pipeline.chain", "trainer/main.py"] and args.count(":::") == 1
+    assert args[args.index(":::") + 1] == "embeddings/daily.py"
+    (snapshot := tmp_path / "upstream" / "ctr" / "snapshots" / f"day={DAYS[1]}").mkdir(parents=True)
+    (snapshot / "meta.json").write_text("{}")  # the upstream step is done: the job is the lifecycle alone
+    assert first[0].app().roles[0].args[:3] == ["-m", "pipeline.chain", "embeddings/daily.py"]
+    assert len(Pipeline(_config(four_days, tmp_path, baseline=True, max_parallel=1)).stages(DAYS[1], DAYS[2])[2]) == 1
+    for config in (_config(four_days, tmp_path, chain=False), _config(four_days, tmp_path, launcher="torchrun"),
+                   _config(four_days, tmp_path, scheduler="kubernetes")):
+        stages = Pipeline(config).stages(DAYS[1], DAYS[2])
+        assert [[s.name for s in stage] for stage in stages] == [
+            ["upstream ctr", "upstream cvr"], ["lifecycle ctr", "lifecycle cvr"], ["downstream ctr-derm", "downstream cvr-derm"]]
 
 
 def test_kubernetes_jobs_get_the_queue_of_torchxconfig(in_repo):

@@ -91,3 +91,27 @@ def python_module_job(name: str, image: str, module: str, args: List[str], cpu: 
         mounts=specs.parse_mounts(mounts) if mounts else [],
     )
     return specs.AppDef(name=name.split("/")[-1], roles=[role])
+
+
+def chain_job(name: str, apps: List[specs.AppDef]) -> specs.AppDef:
+    """One process running the scripts of several one-process jobs in turn (``python -m
+    pipeline.chain``): the pipeline's job on ``local_cwd``, where every step started on its own
+    would pay the interpreter's imports again. Every job must be a ``launcher = "python"`` job
+    (``python SCRIPT ARGS``); the chain gets the first one's resources and environment, which must
+    be the others' too."""
+    if not apps:
+        raise ValueError("a chain needs at least one job")
+    roles = [app.roles[0] for app in apps]
+    bad = [app.name for app, role in zip(apps, roles) if len(app.roles) != 1 or role.entrypoint != "python" or role.args[0].startswith("-")]
+    if bad:
+        raise ValueError(f"jobs {bad}: only one-process `python SCRIPT ARGS` jobs (launcher python) can be chained")
+    first = roles[0]
+    differ = [app.name for app, role in zip(apps, roles) if (role.resource, role.env, role.image) != (first.resource, first.env, first.image)]
+    if differ:
+        raise ValueError(f"jobs {differ}: a chain runs in one process, so its jobs need the same resources, image and environment")
+    args = ["-m", "pipeline.chain"]
+    for i, role in enumerate(roles):
+        args += [*([":::"] if i else []), *role.args]
+    role = specs.Role(name=name.split("/")[-1], image=first.image, entrypoint="python", args=args, resource=first.resource,
+                      env=dict(first.env), max_retries=first.max_retries, mounts=list(first.mounts))
+    return specs.AppDef(name=name.split("/")[-1], roles=[role])
