@@ -41,7 +41,6 @@ Bad input is refused naming the file, the column and the problem (:class:`RawLog
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime as dt
 import io
 import json
@@ -264,10 +263,16 @@ def sample_negatives(users: np.ndarray, excluded: np.ndarray, weights: np.ndarra
 
 class History:
     """What is known of every user and item at the start of a day: positives on earlier days
-    (``seq``), and the previous day's rows and positives per user and item."""
+    (``seq``), and the previous day's rows and positives per user and item.
+
+    Arrays indexed by dense id, updated a day at a time without a loop over rows: ``seq`` [U, L]
+    holds each user's last ``L = seq_len`` positive items, newest first, ``seq_length`` [U] how
+    many of them are filled (memory: 8 bytes x U x L)."""
 
     def __init__(self, seq_len: int) -> None:
-        self.seq: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=seq_len))
+        self.seq_len = seq_len
+        self.seq = np.zeros((0, seq_len), np.int64)
+        self.seq_length = np.zeros(0, np.int64)
         self.counts = {k: np.zeros(0, np.int64) for k in ("user_events", "user_positives", "item_events", "item_positives")}
         self.item_positives_total = np.zeros(0, np.int64)
         self.last_day: str | None = None
@@ -280,8 +285,14 @@ class History:
             out[known] = c[ids[known]]
             return out
 
-        seqs = [list(reversed(self.seq[int(u)])) if int(u) in self.seq else [] for u in users]
-        return {"seq_item_ids": pa.array(seqs, pa.list_(pa.int64())),
+        length = np.zeros(users.size, np.int64)
+        known = users < self.seq_length.size
+        length[known] = self.seq_length[users[known]]
+        offsets = np.r_[0, np.cumsum(length)]
+        row = np.repeat(np.arange(users.size), length)  # the row each sequence element belongs to
+        values = self.seq[users[row], np.arange(offsets[-1]) - offsets[row]]
+        seqs = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int64()))
+        return {"seq_item_ids": seqs,
                 "user_events_1d": count("user_events", users), "user_positives_1d": count("user_positives", users),
                 "item_events_1d": count("item_events", items), "item_positives_1d": count("item_positives", items)}
 
@@ -299,9 +310,26 @@ class History:
         total = np.zeros(n_items, np.int64)
         total[: self.item_positives_total.size] = self.item_positives_total
         self.item_positives_total = total + self.counts["item_positives"]
-        for u, i in zip(users[positive], items[positive]):
-            self.seq[int(u)].append(int(i))
+        self._append(users[positive], items[positive], n_users)
         self.last_day = day
+
+    def _append(self, users: np.ndarray, items: np.ndarray, n_users: int) -> None:
+        """Appends the day's positive (user, item) pairs, in time order, to the users' sequences."""
+        grow = n_users - self.seq_length.size
+        if grow > 0:
+            self.seq = np.concatenate([self.seq, np.zeros((grow, self.seq_len), np.int64)])
+            self.seq_length = np.r_[self.seq_length, np.zeros(grow, np.int64)]
+        if users.size == 0 or self.seq_len == 0:
+            return
+        by_user = np.argsort(users, kind="stable")  # each user's items stay in time order
+        users, items = users[by_user], items[by_user]
+        touched, start, count = np.unique(users, return_index=True, return_counts=True)
+        m = np.arange(self.seq_len)[None, :]  # [1, L] positions, 0 = newest
+        fresh = np.minimum(count, self.seq_len)[:, None]  # [A, 1] of today's items that fit
+        newest = (start + count - 1)[:, None] - m  # [A, L] index of today's m-th newest item
+        older = np.take_along_axis(self.seq[touched], np.clip(m - fresh, 0, None), axis=1)  # shifted back by `fresh`
+        self.seq[touched] = np.where(m < fresh, items[np.maximum(newest, 0)], older)
+        self.seq_length[touched] = np.minimum(self.seq_length[touched] + count, self.seq_len)
 
 
 def convert_day(day: str, rows: pa.Table, args: argparse.Namespace, labels: list[Label], users_map: IdMap, items_map: IdMap,

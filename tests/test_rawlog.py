@@ -96,6 +96,30 @@ def test_a_log_without_impressions_gets_sampled_negatives_with_their_probability
     assert EventLog(out, "cvr").days == DAYS
 
 
+def test_history_keeps_each_users_last_positives_newest_first_as_a_queue_would():
+    """The vectorised sequences against a per-row reference (a bounded deque per user), over
+    days with repeated users, users with more positives in a day than the sequence holds, new
+    users appearing later and days without positives."""
+    import collections
+
+    from data.rawlog import History
+
+    rng = np.random.default_rng(0)
+    for seq_len in (0, 1, 3, 8):
+        history, reference = History(seq_len), collections.defaultdict(lambda: collections.deque(maxlen=seq_len))
+        n_users = 0
+        for d in range(6):
+            n_users += int(rng.integers(0, 20))
+            n = int(rng.integers(0, 200)) if n_users else 0
+            users, items = rng.integers(0, max(n_users, 1), n), rng.integers(0, 50, n)
+            positive = rng.random(n) < (0.0 if d == 3 else 0.4)
+            got = history.features(users, items)["seq_item_ids"].to_pylist()
+            assert got == [list(reversed(reference[int(u)])) for u in users]
+            history.end_of_day(f"2026-01-0{d + 1}", users, items, positive, n_users, 50)
+            for u, i in zip(users[positive], items[positive]):
+                reference[int(u)].append(int(i))
+
+
 def test_iso_times_are_read_in_their_time_zone_and_partitioned_by_utc_day(tmp_path, capsys):
     path = tmp_path / "la.csv"
     iso = ["--input", str(path), "--time", "time", "--time-unit", "iso", "--user", "user", "--item", "item",
