@@ -38,6 +38,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 ROOT = Path(__file__).resolve().parents[1]
+PAIRS = 200_000
 COLUMNS = (
     ("auc", "AUC"),
     ("user_mean_pairwise_cosine", "user cos"),
@@ -118,14 +119,12 @@ def oracle_recall(data: Path, day: str, k: int = 100, queries: int = 4000) -> fl
     return round(hits / min(queries, len(users)), 4)
 
 
-def planted_correlation(args, run_dir: Path, pairs: int = 200_000) -> float:
+def planted_correlation(args, run_dir: Path, pairs: int = PAIRS) -> float:
     """Correlation, over random (user, Pin) pairs of the evaluation day, of ``<user, Pin>`` from the
     last snapshot with the synthetic world's planted score: the affinity ``<u_d, p_d>`` that drives
     clicks (ctr) or the intent match ``<q_u, r_p>`` that drives conversions (cvr)."""
     import numpy as np
     import pyarrow.parquet as pq
-
-    from experiments.probe import latent_on_day, world_day
 
     emb_dir = run_dir / "emb"
     snapshot = json.loads((run_dir / "summary.json").read_text())["snapshot"]
@@ -134,24 +133,39 @@ def planted_correlation(args, run_dir: Path, pairs: int = 200_000) -> float:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    data = Path(args.data)
-    world, d = world_day(data, args.eval_day)
-    emb, planted = {}, {}
+    emb, truth = {}, {}
     for entity in ("user", "pin"):
         t = pq.read_table(emb_dir / args.source / entity / f"day={args.eval_day}")
-        ids = t.column("entity_id").to_numpy()
         emb[entity] = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
-        truth = pq.read_table(data / "truth" / f"{entity}s.parquet")
-        row = np.searchsorted(truth.column(f"{entity}_id").to_numpy(), ids)  # truth is sorted by id
-        if args.source == "ctr":
-            planted[entity] = latent_on_day(truth, d, world["drift_per_day"])[row]
-        else:
-            planted[entity] = np.stack(truth.column("intent").to_numpy(zero_copy_only=False))[row]
-    rng = np.random.default_rng(0)
-    u, p = rng.integers(0, len(emb["user"]), pairs), rng.integers(0, len(emb["pin"]), pairs)
+        truth[entity] = planted(Path(args.data), args.source, args.eval_day, entity, t.column("entity_id").to_numpy())
+    u, p = random_pairs(len(emb["user"]), len(emb["pin"]), pairs)
     score = (emb["user"][u] * emb["pin"][p]).sum(1)
-    truth_score = (planted["user"][u] * planted["pin"][p]).sum(1)
+    truth_score = (truth["user"][u] * truth["pin"][p]).sum(1)
     return round(float(np.corrcoef(score, truth_score)[0, 1]), 4)
+
+
+def planted(data: Path, source: str, day: str, entity: str, ids):
+    """``[N, ·]`` planted vectors of a synthetic world's ``ids``: the latents of ``day`` (ctr: what
+    drives clicks) or the conversion intents (cvr)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from experiments.probe import latent_on_day, world_day
+
+    truth = pq.read_table(data / "truth" / f"{entity}s.parquet")
+    row = np.searchsorted(truth.column(f"{entity}_id").to_numpy(), ids)  # truth is sorted by id
+    if source == "ctr":
+        world, d = world_day(data, day)
+        return latent_on_day(truth, d, world["drift_per_day"])[row]
+    return np.stack(truth.column("intent").to_numpy(zero_copy_only=False))[row]
+
+
+def random_pairs(n_users: int, n_pins: int, pairs: int = PAIRS):
+    """Row indices of ``pairs`` random (user, Pin) pairs, the same for every run and reference."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.integers(0, n_users, pairs), rng.integers(0, n_pins, pairs)
 
 
 def table(rows: list[dict], names: list[str]) -> str:

@@ -162,3 +162,20 @@ def test_quality_table_keeps_every_seed_and_the_oracle_bounds_recall(tiny_world)
     assert "–" in lines[3]  # b has no recall: shown as missing, not as 0
     # The world's own ranking finds most next-day clicks among its top Pins, and not all at k = 1.
     assert 0.0 < oracle_recall(tiny_world, "2026-01-03", k=1) < oracle_recall(tiny_world, "2026-01-03", k=50) <= 1.0
+
+
+def test_intent_reference_bounds_the_planted_correlation(tiny_world, tmp_path, capsys):
+    """The ceiling of ``corr planted``: a click's user x Pin log-odds is 4 x the planted affinity,
+    so its ceiling is about 1; a conversion's also holds the click affinity, so its ceiling is
+    high but below 1. The MF reference reports one figure per pass and writes its JSON line."""
+    from experiments.intent_reference import ceiling, main
+
+    assert ceiling(tiny_world, "ctr", "click", "2026-01-03") > 0.95
+    assert 0.5 < ceiling(tiny_world, "cvr", "conversion", "2026-01-03") < 0.99
+    out = tmp_path / "ref.jsonl"
+    assert main(["--data", str(tiny_world), "--days", "2026-01-01,2026-01-02", "--eval-day", "2026-01-03", "--passes", "2",
+                 "--seeds", "0,1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [len(r["corr_by_pass"]) for r in result["runs"]] == [2, 2] and result["label"] == "conversion"
+    assert all(-1.0 <= c <= 1.0 for r in result["runs"] for c in r["corr_by_pass"])
+    assert "| corr planted (2 seeds) |" in capsys.readouterr().out
