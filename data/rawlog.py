@@ -230,21 +230,33 @@ class IdMap:
         return pa.table({"raw": pa.array(list(self.ids)), "id": pa.array(list(self.ids.values()), pa.int64())})
 
 
-def sample_negatives(users: np.ndarray, excluded: np.ndarray, weights: np.ndarray, k: int,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """For each of ``users`` [N], ``k`` distinct items drawn with probability ∝ ``weights`` [I],
-    none a (user, item) pair of ``excluded`` (sorted keys ``user * I + item``: the users' positives
-    of the day); -> items [N, k] and their sampling probabilities [N, k]. Rejection sampling,
-    redrawing only the rejected slots each round, vectorised over rows."""
+def sample_negatives(users: np.ndarray, excluded: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator,
+                     names: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``users`` [N] (dense ids), ``k`` distinct items drawn with probability ∝
+    ``weights`` [I] (non-negative integer counts: an item of weight 0 is never drawn), none a
+    (user, item) pair of ``excluded`` (sorted keys ``user * I + item``, e.g. the users' positives of
+    the day); -> items [N, k] and their sampling probabilities [N, k]. Rejection sampling, redrawing
+    only the rejected slots each round, vectorised over rows. A user with fewer than ``k`` items
+    left to draw is refused up front, named by ``names[user]`` (default: its dense id)."""
     if k == 0 or users.size == 0:
         return np.zeros((users.size, k), np.int64), np.zeros((users.size, k), np.float32)
+    weights = np.asarray(weights)
+    if not np.issubdtype(weights.dtype, np.integer) or (weights < 0).any() or weights.sum() == 0:
+        raise ValueError("sample_negatives: weights must be non-negative integer counts, not all zero")
     n_items = len(weights)
-    p = weights / weights.sum()
-    cum = np.cumsum(p)
+    drawable = weights > 0
+    excluded_users, excluded_items = np.divmod(excluded, n_items)
+    room = np.count_nonzero(drawable) - np.bincount(excluded_users[drawable[excluded_items]], minlength=int(users.max()) + 1)
+    short = np.flatnonzero(room[users] < k)
+    if short.size:
+        u = users[short[0]]
+        raise RawLogError(f"user {u if names is None else names[u]} has only {room[u]} items to draw from (weight > 0, "
+                          f"not excluded), fewer than the {k} negatives asked for; lower --negatives")
+    cum = np.cumsum(weights)
     out = np.empty((users.size, k), np.int64)
-    todo = np.arange(out.size)
-    for _ in range(1000):
-        out.flat[todo] = np.minimum(np.searchsorted(cum, rng.random(todo.size) * cum[-1], side="right"), n_items - 1)
+    todo = np.arange(out.size)  # flat slots still to fill
+    for _ in range(10_000):
+        out.flat[todo] = np.searchsorted(cum, rng.integers(0, cum[-1], todo.size), side="right")
         rows = np.unique(todo // k)
         draws = out[rows]  # [R, k]
         key = users[rows, None] * n_items + draws
@@ -257,8 +269,8 @@ def sample_negatives(users: np.ndarray, excluded: np.ndarray, weights: np.ndarra
         r, c = np.nonzero(seen | repeat)
         todo = rows[r] * k + c
         if todo.size == 0:
-            return out, p[out].astype(np.float32)
-    raise RawLogError(f"could not draw {k} distinct negatives per row in 1000 rounds: too few items ({n_items}); lower --negatives")
+            return out, (weights / weights.sum())[out].astype(np.float32)
+    raise RawLogError(f"could not draw {k} distinct negatives per row in 10,000 rounds; lower --negatives")
 
 
 class History:
@@ -342,8 +354,8 @@ def convert_day(day: str, rows: pa.Table, args: argparse.Namespace, labels: list
     y = {lab.name: lab.evaluate(rows, where) for lab in labels}
     first = y[labels[0].name].astype(bool)
     k = args.negatives
-    weights = (np.ones(len(items_map)) if args.sampling == "uniform"
-               else np.r_[history.item_positives_total, np.zeros(len(items_map) - history.item_positives_total.size)] + 1.0)
+    weights = (np.ones(len(items_map), np.int64) if args.sampling == "uniform"
+               else np.r_[history.item_positives_total, np.zeros(len(items_map) - history.item_positives_total.size, np.int64)] + 1)
     anchor = np.flatnonzero(first)
     excluded = np.unique(users[first] * len(items_map) + items[first])
     neg_items, neg_prob = sample_negatives(users[anchor], excluded, weights, k, rng)

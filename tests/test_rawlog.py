@@ -120,6 +120,30 @@ def test_history_keeps_each_users_last_positives_newest_first_as_a_queue_would()
                 reference[int(u)].append(int(i))
 
 
+def test_sampled_negatives_are_distinct_drawable_not_excluded_and_carry_their_probability():
+    """The sampler MovieLens and raw logs share: never an item of weight 0 or an excluded pair,
+    distinct within a row, drawn in proportion to the weights; a user with too few items left is
+    refused by name before any draw."""
+    from data.rawlog import sample_negatives
+
+    weights = np.array([0, 1, 2, 3, 4, 0, 10])
+    users = np.repeat(np.arange(3), 2000)
+    excluded = np.array([0 * 7 + 6, 1 * 7 + 1, 1 * 7 + 5])  # user 0: item 6; user 1: items 1 and 5 (5 has weight 0)
+    items, prob = sample_negatives(users, excluded, weights, 3, np.random.default_rng(0))
+    assert items.shape == (6000, 3) and not np.isin(items, [0, 5]).any()
+    assert all(len(set(row)) == 3 for row in items)
+    assert not (items[users == 0] == 6).any() and not (items[users == 1] == 1).any()
+    np.testing.assert_allclose(prob, weights[items] / weights.sum())
+    # user 2 excludes nothing: the first of its three draws follows the weights, about 10/20 for item 6
+    assert abs((items[users == 2, 0] == 6).mean() - 0.5) < 0.05
+    # five items have weight; user 1's excluded item 5 has none, so it costs user 1 one item, not two
+    sample_negatives(users[users == 1], excluded, weights, 4, np.random.default_rng(0))
+    with pytest.raises(RawLogError, match=r"user u1 has only 4 items to draw from .* fewer than the 5 negatives"):
+        sample_negatives(users[users > 0], excluded, weights, 5, np.random.default_rng(0), names=np.array(["u0", "u1", "u2"]))
+    with pytest.raises(ValueError, match="non-negative integer counts"):
+        sample_negatives(users, excluded, weights * 0.5, 1, np.random.default_rng(0))
+
+
 def test_iso_times_are_read_in_their_time_zone_and_partitioned_by_utc_day(tmp_path, capsys):
     path = tmp_path / "la.csv"
     iso = ["--input", str(path), "--time", "time", "--time-unit", "iso", "--user", "user", "--item", "item",

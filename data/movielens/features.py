@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from data.dataset_writer import staged_output, write_part
 from data.movielens.atomic import MovieLens, MovieLensError
 from data.movielens.source import read_movielens
+from data.rawlog import RawLogError, sample_negatives
 from data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, SideList, Source, SparseFeature
 
 log = logging.getLogger("derm.data.movielens")
@@ -91,35 +92,15 @@ def _history(ml: MovieLens, order: np.ndarray, max_seq_len: int) -> tuple[np.nda
 def _sample_negatives(ml: MovieLens, user_row: np.ndarray, item_row: np.ndarray, k: int,
                       rng: np.random.Generator) -> np.ndarray:
     """(N, K) item rows, distinct within a rating and never rated by its user, drawn by popularity
-    (the item's number of ratings in the whole file). Rejection sampling in rounds; each round
-    redraws only the slots the last one rejected, so the loop is over rounds, never over rows."""
+    (the item's number of ratings in the whole file): ``data.rawlog.sample_negatives``."""
     n_items = len(ml.item_ids)
-    cum_pop = np.cumsum(np.bincount(item_row, minlength=n_items))
     rated = np.unique(user_row * n_items + item_row)  # sorted (user, item) pair keys
-    room = np.count_nonzero(np.bincount(item_row, minlength=n_items)) - np.bincount(rated // n_items)
-    short = np.flatnonzero(room[user_row] < k)
-    if len(short):
-        u = user_row[short[0]]
-        raise MovieLensError(f"user {ml.user_ids[u]} left only {room[u]} rated-by-anyone movies unrated, "
-                             f"fewer than the {k} negatives asked for; lower --negatives")
-    out = np.empty((len(user_row), k), np.int64)
-    todo = np.arange(out.size)  # flat slots still to fill
-    for rounds in range(1, 10_001):
-        out.flat[todo] = np.searchsorted(cum_pop, rng.integers(0, cum_pop[-1], len(todo)), side="right")
-        rows = np.unique(todo // k)
-        draws = out[rows]  # (rows, K)
-        key = user_row[rows, None] * n_items + draws
-        seen = rated[np.minimum(np.searchsorted(rated, key), len(rated) - 1)] == key
-        srt = np.argsort(draws, axis=1, kind="stable")
-        v = np.take_along_axis(draws, srt, axis=1)
-        repeat = np.zeros_like(seen)
-        np.put_along_axis(repeat, srt[:, 1:], v[:, 1:] == v[:, :-1], axis=1)  # keeps the first of equal draws
-        r, c = np.nonzero(seen | repeat)
-        todo = rows[r] * k + c
-        if len(todo) == 0:
-            log.info("sampled %d negatives in %d rounds", out.size, rounds)
-            return out
-    raise MovieLensError("negative sampling did not finish in 10,000 rounds; lower --negatives")
+    try:
+        neg, _ = sample_negatives(user_row, rated, np.bincount(item_row, minlength=n_items), k, rng, names=ml.user_ids)
+    except RawLogError as e:
+        raise MovieLensError(str(e)) from None
+    log.info("sampled %d negatives", neg.size)
+    return neg
 
 
 def _count_before(row: np.ndarray, t: np.ndarray, query_row: np.ndarray, query_t: np.ndarray) -> np.ndarray:
