@@ -241,8 +241,8 @@ class Pipeline:
         return [[self._chain(f"upstream+lifecycle {s}", f"derm/upstream-lifecycle-{s}-{day}", [u, lc])
                  for s, u, lc in zip(sources, upstream, lifecycle)],
                 [],
-                [self._chain(f"downstream {'+'.join(t.name.split()[-1] for t in group)}", f"derm/downstream-{i}-{day}", group)
-                 for i, group in enumerate(groups)]]
+                [self._chain(f"downstream {'+'.join(runs)}", f"derm/downstream-{'-'.join(runs)}-{day}", group)
+                 for group in groups for runs in [[t.name.split()[-1] for t in group]]]]
 
     def chained(self) -> bool:
         """Whether the steps run chained: ``chain`` and one-process jobs."""

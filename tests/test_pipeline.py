@@ -195,6 +195,7 @@ def test_local_one_process_steps_run_chained_and_resubmit_only_what_is_not_done(
     first, second, third = pipeline.stages(DAYS[1], DAYS[2])
     assert [s.name for s in first] == ["upstream+lifecycle ctr", "upstream+lifecycle cvr"] and second == []
     assert [s.name for s in third] == ["downstream ctr-derm+cvr-derm", "downstream ctr-baseline+cvr-baseline"]
+    assert third[1].app().name == f"downstream-ctr-baseline-cvr-baseline-{DAYS[1]}"
     args = first[0].app().roles[0].args
     assert args[:3] == ["-m", "pipeline.chain", "trainer/main.py"] and args.count(":::") == 1
     assert args[args.index(":::") + 1] == "embeddings/daily.py"
