@@ -19,7 +19,10 @@ Upstream and downstream models train ``initial`` on their first day and ``increm
 previous snapshot after it. The settings the outputs depend on are kept in ``work/pipeline.json``;
 a re-run with other settings is refused rather than mixing outputs.
 
-Jobs of one stage run concurrently (``max_parallel``). Outputs, under ``work``::
+Jobs of one stage run concurrently (``max_parallel``). On ``local_cwd`` with one-process jobs the
+steps run chained (``chain``, ``pipeline/chain.py``): a source's upstream training and lifecycle
+are one job, the day's downstream models ``max_parallel`` jobs, so torch and TorchRec start once
+per job. Outputs, under ``work``::
 
     upstream/<ctr|cvr>/       snapshots, summaries      emb/ pool/ store/ ann/ quality/   the lifecycle
     downstream/<name>/        snapshots, summaries/DAY.json (the evaluation of the run ending on DAY)
