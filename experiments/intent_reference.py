@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -34,7 +33,7 @@ if __package__ in (None, ""):
 import numpy as np
 import pyarrow.parquet as pq
 
-from experiments.quality import planted, random_pairs
+from experiments.quality import planted, protocol_parser, random_pairs
 
 BATCH = 1024
 
@@ -103,15 +102,9 @@ def ceiling(data: Path, source: str, label: str, eval_day: str, grid: int = 400)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="experiments/intent_reference.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="a synthetic world (its truth/ folder is read)")
-    p.add_argument("--source", default="cvr", help="ctr (planted: affinity) or cvr (planted: intent); default cvr")
-    p.add_argument("--days", required=True, help="comma-separated training days")
-    p.add_argument("--eval-day", required=True, help="the day whose users and Pins are paired")
+    p = protocol_parser("experiments/intent_reference.py", __doc__, "cvr")  # --data: a synthetic world
     p.add_argument("--dim", type=int, default=8, help="MF width (default 8)")
     p.add_argument("--passes", type=int, default=4, help="passes over the training days (default 4)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", help="append the result as a JSON line to this file")
     args = p.parse_args(argv)
     data = Path(args.data)

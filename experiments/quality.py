@@ -192,15 +192,21 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="experiments/quality.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def protocol_parser(prog: str, doc: str, source: str) -> argparse.ArgumentParser:
+    """The arguments every representation-quality tool shares: data, source, training days,
+    evaluation day and seeds."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset root (spec.toml and <source>/day=...)")
-    p.add_argument("--source", default="ctr", help="which upstream model (default ctr)")
+    p.add_argument("--source", default=source, help=f"which upstream model's data: ctr or cvr (default {source})")
     p.add_argument("--days", required=True, help="comma-separated training days, in order")
     p.add_argument("--eval-day", required=True, help="the held-out day the metrics are computed on")
-    p.add_argument("--batch-size", type=int, default=2048, help="rows per step (default 2048)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = protocol_parser("experiments/quality.py", __doc__, "ctr")
+    p.add_argument("--batch-size", type=int, default=2048, help="rows per step (default 2048)")
     p.add_argument("--variant", action="append", required=True, metavar="NAME=OVERRIDES",
                    help="a name and its space-separated --section.field=value overrides; repeatable")
     p.add_argument("--out", required=True, help="folder of the runs and results.jsonl")
