@@ -335,7 +335,8 @@ class History:
             return
         by_user = np.argsort(users, kind="stable")  # each user's items stay in time order
         users, items = users[by_user], items[by_user]
-        touched, start, count = np.unique(users, return_index=True, return_counts=True)
+        start = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])  # first pair of each user (sorted already)
+        touched, count = users[start], np.diff(np.r_[start, users.size])
         m = np.arange(self.seq_len)[None, :]  # [1, L] positions, 0 = newest
         fresh = np.minimum(count, self.seq_len)[:, None]  # [A, 1] of today's items that fit
         newest = (start + count - 1)[:, None] - m  # [A, L] index of today's m-th newest item

@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 import numpy as np
 import pyarrow.parquet as pq
 
-from experiments.quality import planted, protocol_parser, random_pairs
+from experiments.quality import format_mean_std, planted, protocol_parser, random_pairs
 
 BATCH = 1024
 
@@ -43,27 +43,39 @@ def eval_entities(data: Path, source: str, day: str) -> tuple[np.ndarray, np.nda
     return np.unique(log.column("user_id").to_numpy()), np.unique(log.column("pin_id").to_numpy())
 
 
-def mf_reference(data: Path, source: str, label: str, days: list[str], eval_day: str, dim: int, passes: int,
-                 seed: int) -> dict:
-    """Fits the MF and returns the planted correlation after each pass, and the data's size."""
+def training_rows(data: Path, source: str, label: str, days: list[str]):
+    """The training days' (user, Pin, label) as tensors, read once for every seed."""
     import torch
 
     logs = [pq.read_table(data / source / f"day={d}", columns=["user_id", "pin_id", label]) for d in days]
-    u = torch.from_numpy(np.concatenate([t.column("user_id").to_numpy() for t in logs]).astype(np.int64))
-    p = torch.from_numpy(np.concatenate([t.column("pin_id").to_numpy() for t in logs]).astype(np.int64))
-    y = torch.from_numpy(np.concatenate([t.column(label).to_numpy() for t in logs]).astype(np.float32))
+    return tuple(torch.from_numpy(np.concatenate([t.column(c).to_numpy() for t in logs]).astype(dtype))
+                 for c, dtype in (("user_id", np.int64), ("pin_id", np.int64), (label, np.float32)))
+
+
+def eval_pairs(data: Path, source: str, eval_day: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random (user, Pin) pairs of the evaluation day, as ids, and their planted scores."""
     users, pins = eval_entities(data, source, eval_day)
     a, b = random_pairs(len(users), len(pins))
     truth = (planted(data, source, eval_day, "user", users)[a] * planted(data, source, eval_day, "pin", pins)[b]).sum(1)
-    n_users, n_pins = int(max(u.max(), users.max())) + 1, int(max(p.max(), pins.max())) + 1
+    return users[a].astype(np.int64), pins[b].astype(np.int64), truth
+
+
+def mf_reference(rows, pairs, dim: int, passes: int, seed: int) -> dict:
+    """Fits the MF on ``rows`` (users, Pins, labels) and returns the planted correlation over
+    ``pairs`` (users, Pins, planted scores) after each pass, and the data's size."""
+    import torch
+
+    u, p, y = rows
+    pair_users, pair_pins, truth = pairs
+    n_users, n_pins = int(max(u.max(), pair_users.max())) + 1, int(max(p.max(), pair_pins.max())) + 1
     gen = torch.Generator().manual_seed(seed)
     eu, ep = (torch.nn.Parameter(0.1 * torch.randn(n, dim, generator=gen)) for n in (n_users, n_pins))
     bu, bp = torch.nn.Parameter(torch.zeros(n_users)), torch.nn.Parameter(torch.zeros(n_pins))
     rate = float(y.mean())
     b0 = torch.nn.Parameter(torch.tensor(math.log(rate / (1 - rate))))
     opt = torch.optim.Adam([eu, ep, bu, bp, b0], lr=0.01)
+    ua, pb = torch.from_numpy(pair_users), torch.from_numpy(pair_pins)
     corr = []
-    ua, pb = torch.from_numpy(users[a].astype(np.int64)), torch.from_numpy(pins[b].astype(np.int64))
     for _ in range(passes):
         for j in torch.randperm(len(y), generator=gen).split(BATCH):
             logit = b0 + bu[u[j]] + bp[p[j]] + (eu[u[j]] * ep[p[j]]).sum(1)
@@ -74,9 +86,9 @@ def mf_reference(data: Path, source: str, label: str, days: list[str], eval_day:
         with torch.no_grad():
             score = (eu[ua] * ep[pb]).sum(1).numpy()
         corr.append(round(float(np.corrcoef(score, truth)[0, 1]), 4))
-    positives = float(y.sum())
-    return {"seed": seed, "corr_by_pass": corr, "rows": len(y), "positives": int(positives),
-            "users": int(u.unique().numel()), "positives_per_user": round(positives / u.unique().numel(), 2)}
+    positives, n_train_users = int(y.sum()), int(u.unique().numel())
+    return {"seed": seed, "corr_by_pass": corr, "rows": len(y), "positives": positives, "users": n_train_users,
+            "positives_per_user": round(positives / n_train_users, 2)}
 
 
 def ceiling(data: Path, source: str, label: str, eval_day: str, grid: int = 400) -> float:
@@ -97,8 +109,8 @@ def ceiling(data: Path, source: str, label: str, eval_day: str, grid: int = 400)
     prob = world.probabilities(uu, pp, d, np.zeros(n, np.int64), np.full(n, 12.0), np.zeros(n))[label]
     logit = np.log(prob / (1 - prob)).reshape(len(users), len(pins))
     inter = logit - logit.mean(1, keepdims=True) - logit.mean(0, keepdims=True) + logit.mean()
-    truth = (planted(data, source, eval_day, "user", uu) * planted(data, source, eval_day, "pin", pp)).sum(1)
-    return round(float(np.corrcoef(inter.ravel(), truth)[0, 1]), 4)
+    truth = planted(data, source, eval_day, "user", users) @ planted(data, source, eval_day, "pin", pins).T
+    return round(float(np.corrcoef(inter.ravel(), truth.ravel())[0, 1]), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     from data.spec import load_spec
 
     label = load_spec(data / "spec.toml").source(args.source).labels[0]
-    runs = [mf_reference(data, args.source, label, args.days.split(","), args.eval_day, args.dim, args.passes, int(s))
-            for s in args.seeds.split(",")]
+    rows = training_rows(data, args.source, label, args.days.split(","))
+    pairs = eval_pairs(data, args.source, args.eval_day)
+    runs = [mf_reference(rows, pairs, args.dim, args.passes, int(s)) for s in args.seeds.split(",")]
     result = {"data": str(data), "source": args.source, "label": label, "dim": args.dim, "runs": runs,
-              "ceiling": ceiling(data, args.source, f"{label}", args.eval_day)}
-    by_pass = np.array([r["corr_by_pass"] for r in runs])
-    spread = by_pass.std(0, ddof=1) if len(runs) > 1 else np.zeros(by_pass.shape[1])
+              "ceiling": ceiling(data, args.source, label, args.eval_day)}
+    by_pass = [[r["corr_by_pass"][i] for r in runs] for i in range(args.passes)]
     print(f"{data} ({args.source}, label {label}): {runs[0]['rows']:,} training rows, {runs[0]['positives']:,} positives, "
           f"{runs[0]['users']:,} users, {runs[0]['positives_per_user']} positives per user")
-    print("| MF pass | " + " | ".join(str(i + 1) for i in range(by_pass.shape[1])) + " | ceiling |")
-    print("|---|" + "---|" * (by_pass.shape[1] + 1))
-    print(f"| corr planted ({len(runs)} seeds) | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(by_pass.mean(0), spread))
+    print("| MF pass | " + " | ".join(str(i + 1) for i in range(args.passes)) + " | ceiling |")
+    print("|---|" + "---|" * (args.passes + 1))
+    print(f"| corr planted ({len(runs)} seeds) | " + " | ".join(format_mean_std(values) for values in by_pass)
           + f" | {result['ceiling']:.3f} |")
     if args.out:
         with open(args.out, "a") as f:

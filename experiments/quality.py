@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -177,19 +177,18 @@ def table(rows: list[dict], names: list[str]) -> str:
         cells = []
         for key, _ in COLUMNS:
             values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
-            cells.append(_mean_std(values))
+            cells.append(format_mean_std(values))
         lines.append(f"| {name} | {len(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _mean_std(values: list[float]) -> str:
+def format_mean_std(values: list[float]) -> str:
+    """``mean ± sample std`` to 3 decimals; the mean alone for one value, ``–`` for none."""
     if not values:
         return "–"
-    mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.3f}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.3f} ± {std:.3f}"
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def protocol_parser(prog: str, doc: str, source: str) -> argparse.ArgumentParser:
