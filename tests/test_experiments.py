@@ -179,3 +179,15 @@ def test_intent_reference_bounds_the_planted_correlation(tiny_world, tmp_path, c
     assert [len(r["corr_by_pass"]) for r in result["runs"]] == [2, 2] and result["label"] == "conversion"
     assert all(-1.0 <= c <= 1.0 for r in result["runs"] for c in r["corr_by_pass"])
     assert "| corr planted (2 seeds) |" in capsys.readouterr().out
+    # The other references: the dense features through the in-batch softmax on unit vectors, and
+    # the id MF under the tables' row-wise Adagrad; one figure per pass each.
+    common = ["--data", str(tiny_world), "--days", "2026-01-01,2026-01-02", "--eval-day", "2026-01-03", "--passes", "1",
+              "--seeds", "0", "--out", str(out)]
+    assert main([*common, "--source", "ctr", "--model", "dense", "--loss", "softmax", "--normalize"]) == 0
+    assert main([*common, "--optimizer", "rowwise_adagrad", "--lr", "0.05"]) == 0
+    dense, adagrad = (json.loads(line) for line in out.read_text().splitlines()[1:])
+    assert (dense["model"], dense["loss"], dense["normalize"], dense["label"]) == ("dense", "softmax", True, "click")
+    assert adagrad["optimizer"] == "rowwise_adagrad" and len(adagrad["runs"][0]["corr_by_pass"]) == 1
+    assert all(-1.0 <= r["corr_by_pass"][0] <= 1.0 for r in (*dense["runs"], *adagrad["runs"]))
+    with pytest.raises(SystemExit):  # row-wise Adagrad is for id tables
+        main([*common, "--model", "dense", "--optimizer", "rowwise_adagrad"])
