@@ -107,6 +107,14 @@ class DERMConfig:
     dense_norm: str = "batch"
     """Scalar dense features of each tower before their token map: ``batch`` (a BatchNorm over
     them, so raw counts enter centred and at unit scale) or ``none``."""
+    dot_logit: bool = False
+    """Add ``a_t <u, v>`` (a learned scale per task times the dot product of the published
+    embeddings) to every task's logit, so that the BCE heads train the dot product on the
+    impressions themselves, not only through the interaction tower. The in-batch softmax alone
+    teaches ``<u, v>`` which Pins a user engages with among all (targeting included); a BCE term
+    teaches engagement given the impression, where a log's user x Pin preference is (docs/model.md,
+    "What the dot product learns"). A departure from the paper, whose heads read the
+    interaction tower only."""
     logq_correction: bool = True
     """Subtract log of each Pin's estimated in-batch frequency from its logits (Yi et al. 2019)."""
     estimator_buckets: int = 1 << 20

@@ -74,6 +74,9 @@ class DERMModel(nn.Module):
         self.user_tower = EntityTower(spec, "user", config, config.user_dhen, device)
         self.pin_tower = EntityTower(spec, "pin", config, config.pin_dhen, device)
         self.interaction = InteractionTower(spec, config, len(self.labels), device)
+        # config.dot_logit: one scale per task on <u, v>, at 1 to start (a unit-norm dot product
+        # spans [-1, 1] logits, the size of the log-odds a preference moves).
+        self.dot_scale = nn.Parameter(torch.ones(len(self.labels), device=device)) if config.dot_logit else None
 
     def forward(self, batch: Batch) -> DERMOutput:
         pooled = self.ebc(batch.sparse).to_dict()  # feature name -> [B, d_f]
@@ -84,6 +87,8 @@ class DERMModel(nn.Module):
         user = self.user_tower(*inputs)
         pin = self.pin_tower(*inputs)
         logits = self.interaction(user[0], pin[0], *inputs)
+        if self.dot_scale is not None:
+            logits = logits + (user[1] * pin[1]).sum(1, keepdim=True) * self.dot_scale
         return DERMOutput(logits, user[1], pin[1])
 
 

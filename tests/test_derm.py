@@ -92,6 +92,36 @@ def test_batch_norm_takes_a_one_row_training_batch():
     torch.testing.assert_close(norm.running_mean, before)
 
 
+def test_dot_logit_adds_the_scaled_dot_product_to_every_task():
+    """model.dot_logit: each task's logit is the interaction tower's plus a_t <u, v>, with the
+    scale learned (the BCE heads then train the published dot product); the model still traces."""
+    torch.manual_seed(0)
+    spec = tiny_spec()
+    task = build_derm(spec, "cvr", dataclasses.replace(SMALL, dot_logit=True), device=torch.device("cpu"))
+    model = task.model
+    with torch.no_grad():
+        model.dot_scale.copy_(torch.arange(1.0, len(model.labels) + 1))
+    model.eval()
+    batch = _batch("cvr")
+    with torch.no_grad():
+        out = model(batch)
+        user, pin = model.user_tower(*_inputs(model, batch)), model.pin_tower(*_inputs(model, batch))
+        tower = model.interaction(user[0], pin[0], *_inputs(model, batch))
+    dot = (out.user_embedding * out.pin_embedding).sum(1, keepdim=True)
+    torch.testing.assert_close(out.logits, tower + dot * model.dot_scale)
+    torch.testing.assert_close(torchrec.fx.symbolic_trace(model)(batch).logits, out.logits)
+    model.train()
+    loss, _ = task(batch)
+    loss.backward()
+    assert model.dot_scale.grad is not None and torch.all(model.dot_scale.grad != 0)
+    assert build_derm(spec, "cvr", SMALL).model.dot_scale is None  # off by default: the paper's heads
+
+
+def _inputs(model, batch):
+    pooled = model.ebc(batch.sparse).to_dict()
+    return pooled, model.ec(batch.sequence) if model.ec is not None else {}, batch.sequence_side, batch.dense
+
+
 def test_builds_on_meta():
     spec = tiny_spec()
     task = build_derm(spec, "cvr", SMALL, device=torch.device("meta"))
