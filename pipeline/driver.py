@@ -381,6 +381,8 @@ class Pipeline:
                 if stopped:
                     log.warning("stopped %d orphaned job(s) of a dead driver: %s", len(stopped), ", ".join(stopped))
                 self._check_settings()
+                if self.config.scheduler == "local_cwd":
+                    os.environ["PATH"] = local_job_path(os.environ.get("PATH", ""))
                 log.info("pipeline over %s (%d day(s)) on %s; work %s", ", ".join(days), len(days), self.config.scheduler, self.work)
                 for day in days:
                     upstream, lifecycle, downstream = self.stages(day, eval_days[day])
@@ -667,6 +669,16 @@ def _ensure_data(config: PipelineConfig) -> None:
 
     log.info("no data in %s: generating the %s synthetic world there", root, config.synthetic_preset)
     generate(root, PRESETS[config.synthetic_preset], seed=0)
+
+
+def local_job_path(path: str, executable: str = sys.executable) -> str:
+    """``PATH`` for jobs run on this host (local_cwd): the driver's interpreter's folder first, so
+    that the jobs' ``python`` and ``torchrun`` are the driver's, from its virtual environment, even
+    when that environment is not activated (``.venv/bin/python -m pipeline``). The folder, not
+    the resolved interpreter: a virtual environment's ``python`` is a link out of it."""
+    folder = str(Path(executable).parent)
+    parts = path.split(os.pathsep) if path else []
+    return path if parts[:1] == [folder] else os.pathsep.join([folder, *parts])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import pytest
 from data.spec import load_spec
 from data.synthetic import PRESETS, generate
 from embeddings.embedded_store import EmbeddedStore
-from pipeline.driver import Pipeline, PipelineConfig, PipelineError, quality_table, results_table
+from pipeline.driver import Pipeline, PipelineConfig, PipelineError, local_job_path, quality_table, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -328,3 +328,12 @@ def test_sigterm_cancels_the_jobs_in_flight(four_days, tmp_path):
         with pytest.raises(ProcessLookupError):
             os.killpg(g, 0)
     assert json.loads((work / LOCK).read_text())["jobs"] == {}
+
+
+def test_local_jobs_find_the_drivers_interpreter_first_on_their_path():
+    """`.venv/bin/python -m pipeline` without an activated venv: the local jobs' `python` and
+    `torchrun` must still be the venv's (its folder goes first on PATH, once)."""
+    venv = "/repo/.venv/bin/python"
+    assert local_job_path("/usr/bin:/bin", venv) == "/repo/.venv/bin:/usr/bin:/bin"
+    assert local_job_path("/repo/.venv/bin:/usr/bin", venv) == "/repo/.venv/bin:/usr/bin"  # already first: unchanged
+    assert local_job_path("", venv) == "/repo/.venv/bin"
