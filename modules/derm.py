@@ -74,8 +74,7 @@ class DERMModel(nn.Module):
         self.user_tower = EntityTower(spec, "user", config, config.user_dhen, device)
         self.pin_tower = EntityTower(spec, "pin", config, config.pin_dhen, device)
         self.interaction = InteractionTower(spec, config, len(self.labels), device)
-        # config.dot_logit: one scale per task on <u, v>, at 1 to start (a unit-norm dot product
-        # spans [-1, 1] logits, the size of the log-odds a preference moves).
+        # config.dot_logit: one learned scale per task on <u, v> (unit vectors: [-1, 1]), 1 to start.
         self.dot_scale = nn.Parameter(torch.ones(len(self.labels), device=device)) if config.dot_logit else None
 
     def forward(self, batch: Batch) -> DERMOutput:
