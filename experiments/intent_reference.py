@@ -113,30 +113,6 @@ def eval_pairs(data: Path, source: str, eval_day: str, dense: tuple[str, str] | 
     return pairs
 
 
-class RowwiseAdagrad:
-    """Adagrad with one accumulator per row (the mean of the row's squared gradients), as FBGEMM's
-    fused row-wise Adagrad updates DERM's tables."""
-
-    def __init__(self, params, lr: float, eps: float = 1e-8) -> None:
-        import torch
-
-        self.params, self.lr, self.eps = list(params), lr, eps
-        self.sums = [torch.zeros(q.shape[0]) for q in self.params]
-
-    def zero_grad(self) -> None:
-        for q in self.params:
-            q.grad = None
-
-    def step(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            for q, acc in zip(self.params, self.sums):
-                if q.grad is not None:
-                    acc += q.grad.pow(2).mean(1)
-                    q -= self.lr * q.grad / (acc.sqrt() + self.eps)[:, None]
-
-
 def fit_reference(rows: dict, pairs: dict, ref: Reference, seed: int) -> dict:
     """Fits ``ref`` on ``rows`` and returns the planted correlation over ``pairs`` after each pass,
     and the data's size."""
@@ -166,8 +142,10 @@ def fit_reference(rows: dict, pairs: dict, ref: Reference, seed: int) -> dict:
         def sides(rows_or_pairs, j):
             xu, xp = rows_or_pairs["user_x"][j], rows_or_pairs["pin_x"][j]
             return maps[0](xu), maps[1](xp), biases[0](xu)[:, 0], biases[1](xp)[:, 0]
-    if ref.optimizer == "rowwise_adagrad":
-        optimizers = [RowwiseAdagrad(vectors, ref.lr), torch.optim.Adam(others, lr=0.01)]
+    if ref.optimizer == "rowwise_adagrad":  # TorchRec's unfused twin of FBGEMM's row-wise Adagrad
+        from torchrec.optim import RowWiseAdagrad
+
+        optimizers = [RowWiseAdagrad(vectors, lr=ref.lr), torch.optim.Adam(others, lr=0.01)]
     else:
         optimizers = [torch.optim.Adam(vectors + others, lr=ref.lr)]
     log_q = torch.log(torch.bincount(p).float().clamp(min=1) / len(p) * BATCH)
