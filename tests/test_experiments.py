@@ -103,6 +103,9 @@ def test_smoke_run_on_the_tiny_world_resumes_and_reports(tiny_world_4, tmp_path)
     out = tmp_path / "lift"
     cmd = [sys.executable, "experiments/lift.py", "--dataset", "tiny", "--data", str(tiny_world_4), "--seeds", "0",
            "--out", str(out), "--cells", "baseline,appendix_d"]
+    # the baselines first, alone: they read no embedding, so no upstream model is trained for them
+    subprocess.run([*cmd[:-1], "baseline"], cwd=REPO, check=True, capture_output=True, timeout=600)
+    assert not (out / "seed=0" / "upstream.json").exists()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["table"] for r in rows] == ["baseline"] * 2 + ["appendix_d"] * 4
