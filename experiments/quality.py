@@ -77,7 +77,19 @@ def run_one(args, name: str, overrides: list[str], seed: int) -> dict:
         row["planted_corr"] = planted_correlation(args, run_dir)
         if args.source == "ctr":
             row["oracle_recall_at_100"] = oracle_recall(Path(args.data), args.eval_day)
+    _keep_last_snapshot(Path(summary["snapshot"]))
     return row
+
+
+def _keep_last_snapshot(last: Path) -> None:
+    """Removes a finished run's snapshots but its last, the one its metrics read: a run over a
+    long window snapshots every day (112 days of MovieLens: 300 MB a run), and a sweep of such
+    runs filled this machine's disk."""
+    import shutil
+
+    for path in last.parent.glob("day=*"):
+        if path.name != last.name:
+            shutil.rmtree(path)
 
 
 def oracle_recall(data: Path, day: str, k: int = 100, queries: int = 4000) -> float:

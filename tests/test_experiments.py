@@ -167,6 +167,17 @@ def test_quality_table_keeps_every_seed_and_the_oracle_bounds_recall(tiny_world)
     assert 0.0 < oracle_recall(tiny_world, "2026-01-03", k=1) < oracle_recall(tiny_world, "2026-01-03", k=50) <= 1.0
 
 
+def test_quality_keeps_only_a_finished_runs_last_snapshot(tmp_path):
+    from experiments.quality import _keep_last_snapshot
+
+    for day in ("2026-01-01", "2026-01-02", "2026-01-03"):
+        (tmp_path / f"day={day}").mkdir()
+        (tmp_path / f"day={day}" / "meta.json").write_text("{}")
+    (tmp_path / "partial").mkdir()
+    _keep_last_snapshot(tmp_path / "day=2026-01-03")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["day=2026-01-03", "partial"]
+
+
 def test_intent_reference_bounds_the_planted_correlation(tiny_world, tmp_path, capsys):
     """The ceiling of ``corr planted``: a click's user x Pin log-odds is 4 x the planted affinity,
     so its ceiling is about 1; a conversion's also holds the click affinity, so its ceiling is
