@@ -104,15 +104,6 @@ class DERMConfig:
     see a direction shared by every Pin (it adds the same amount to a user's every logit). The
     user tower not: a direction shared by every user is how ``<user, Pin>`` ranks popular Pins
     first (docs/model.md, "Representation quality")."""
-    popularity_coordinate: bool = False
-    """Reserve the embedding's last coordinate for popularity: a user's is one learned constant
-    shared by all users, a Pin's a learned linear function of its tower's output, each scaled by
-    sqrt(E - 1) before the unit norm; ``center`` then applies to the other E - 1 coordinates. With
-    ``center = ["user", "pin"]`` the direction shared by every user, which ranks popular Pins first,
-    lives in that coordinate alone and every other direction is entity-specific. The published
-    vectors stay E wide and unit length, and ``<u, v>`` (FAISS's inner product) still ranks by
-    popularity plus preference. A departure from the paper, which publishes the towers' outputs;
-    measured in docs/model.md, "A coordinate for popularity"."""
     dense_norm: str = "batch"
     """Scalar dense features of each tower before their token map: ``batch`` (a BatchNorm over
     them, so raw counts enter centred and at unit scale) or ``none``."""

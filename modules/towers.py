@@ -21,8 +21,6 @@ Glossary: B batch, D token width, E embedding width, T tasks.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,36 +109,14 @@ class EntityTower(nn.Module):
         if self.inputs.num_tokens == 0:
             raise ValueError(f"the {tower} tower has no features: give some spec features tower = \"{tower}\"")
         self.dhen = DHEN(self.inputs.num_tokens, config.token_dim, dhen, out_tokens=config.embedding_tokens, device=device)
-        E = config.embedding_dim
-        # config.popularity_coordinate: the last coordinate is popularity's (a constant for users,
-        # a linear read-out of the tower for Pins), the others are centred as config.center says.
-        self.popularity: nn.Module | None = None
-        if config.popularity_coordinate:
-            self.popularity = _UserConstant(device) if tower == "user" else nn.Linear(E, 1, device=device)
-        width = E - 1 if self.popularity is not None else E
-        self.center = BatchNorm(width, affine=False, device=device) if tower in config.center else nn.Identity()
-        self.popularity_scale = math.sqrt(E - 1)
+        self.center = (
+            BatchNorm(config.embedding_dim, affine=False, device=device) if tower in config.center else nn.Identity()
+        )
 
     def forward(self, pooled, sequences, sequence_side, dense) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [B, embedding_tokens, D], embedding [B, E] with unit L2 norm)."""
         tokens = self.dhen(self.inputs(pooled, sequences, sequence_side, dense))
-        flat = tokens.flatten(1)
-        if self.popularity is None:
-            return tokens, F.normalize(self.center(flat), dim=1)
-        rest = self.center(flat[:, :-1])
-        popularity = self.popularity(flat) * self.popularity_scale  # [B, 1]
-        return tokens, F.normalize(torch.cat([rest, popularity], dim=1), dim=1)
-
-
-class _UserConstant(nn.Module):
-    """The user side of ``popularity_coordinate``: one learned scalar, the same for every row."""
-
-    def __init__(self, device=None) -> None:
-        super().__init__()
-        self.value = nn.Parameter(torch.ones(1, device=device))
-
-    def forward(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.value.expand(flat.shape[0], 1)
+        return tokens, F.normalize(self.center(tokens.flatten(1)), dim=1)
 
 
 class InteractionTower(nn.Module):

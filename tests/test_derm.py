@@ -117,38 +117,6 @@ def test_dot_logit_adds_the_scaled_dot_product_to_every_task():
     assert build_derm(spec, "cvr", SMALL).model.dot_scale is None  # off by default: the paper's heads
 
 
-def test_popularity_coordinate_is_a_user_constant_and_a_pin_read_out():
-    """model.popularity_coordinate: the last coordinate of every user's embedding (before the unit
-    norm) is one learned constant, a Pin's a linear read-out of its tower, both times sqrt(E - 1);
-    the other coordinates are centred; both learn; the model still traces."""
-    torch.manual_seed(0)
-    spec = tiny_spec()
-    config = dataclasses.replace(SMALL, popularity_coordinate=True, center=("user", "pin"))
-    task = build_derm(spec, "ctr", config, device=torch.device("cpu"))
-    model = task.model
-    E = config.embedding_dim
-    assert model.user_tower.center.num_features == model.pin_tower.center.num_features == E - 1
-    batch = _batch("ctr")
-    model.train()
-    (user_tokens, user), (pin_tokens, pin) = model.user_tower(*_inputs(model, batch)), model.pin_tower(*_inputs(model, batch))
-    assert user.shape == pin.shape == (128, E)
-    torch.testing.assert_close(user.norm(dim=1), torch.ones(128))
-    # before the norm: the user's last coordinate is sqrt(E - 1) x the constant (1 to start) for every row
-    scale = (E - 1) ** 0.5
-    rest = model.user_tower.center(user_tokens.flatten(1)[:, :-1])
-    torch.testing.assert_close(user[:, -1] * torch.cat([rest, torch.full((128, 1), scale)], 1).norm(dim=1), torch.full((128,), scale))
-    read_out = model.pin_tower.popularity(pin_tokens.flatten(1)).squeeze(1) * scale
-    assert read_out.std() > 0  # the Pins' coordinate varies with the Pin
-    torch.testing.assert_close(pin[:, -1], read_out / torch.cat([model.pin_tower.center(pin_tokens.flatten(1)[:, :-1]), read_out[:, None]], 1).norm(dim=1))
-    loss, _ = task(batch)
-    loss.backward()
-    assert model.user_tower.popularity.value.grad.abs() > 0 and model.pin_tower.popularity.weight.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(torchrec.fx.symbolic_trace(model)(batch).user_embedding, model(batch).user_embedding)
-    assert build_derm(spec, "ctr", SMALL).model.user_tower.popularity is None  # off by default: the paper's towers
-
-
 def _inputs(model, batch):
     pooled = model.ebc(batch.sparse).to_dict()
     return pooled, model.ec(batch.sequence) if model.ec is not None else {}, batch.sequence_side, batch.dense
