@@ -45,7 +45,7 @@ POOL_LABEL = {"acc": "ACC", "ma0.5": "MA α=0.5", "ma0.9": "MA α=0.9", "ma0.99"
 
 OLD_CAPS = {"tiny": 8, "small": 40, "movielens": 0}
 """Upstream steps per day of rows from before protocol files, where the dataset fixed them."""
-DATASET_NAMES = {"small": "synthetic small world", "tiny": "synthetic tiny world", "movielens": "MovieLens-100K"}
+DATASET_NAMES = {"small": "synthetic small world", "small-14d": "synthetic small world, 14 days", "tiny": "synthetic tiny world", "movielens": "MovieLens-100K"}
 
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
