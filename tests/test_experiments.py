@@ -5,6 +5,7 @@ lift against the same seed's baseline, mean ± sample std over seeds."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,24 @@ def test_too_few_positives_are_reported_as_such_and_left_out_of_lifts(tmp_path):
     assert ds.too_few(cell[1]) == 40 and ds.too_few(cell[0]) is None
     assert ds.gap_closed(cell) == pytest.approx([30.0])  # (0.66 - 0.60) / (0.80 - 0.60)
     assert "too few positives (40)" in "\n".join(report._table_subsets(ds, "table2", "ctr", report.PAPER_TABLE2, "Table 2"))
+
+
+def test_a_run_of_baselines_alone_reports_their_table_and_no_lifts(tmp_path):
+    rows = [_row(0, "baseline", "ctr", (), 0.60, 0.10), _row(0, "baseline", "cvr", (), 0.55, 0.05)]
+    for r in rows:
+        r.update(protocol="small", train_days=["2026-01-02"], validation_days=["2026-01-03"], test_days=["2026-01-04"],
+                 train_examples=2048, train_steps=1, tuning=[{"dense_lr": 1e-3}])
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "docs" / "experiments" / "longer"
+    assert report.main([str(path), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| ctr | click | 0.6000 (n=1) |" in text  # one seed: no spread to show
+    assert "The lift, paired by seed" not in text and "-lifts.png" not in text
+    assert not list(out.glob("*-lifts.png"))
+    # the link to the discussion is relative to the report's own folder
+    link = os.path.relpath(REPO / "docs" / "experiments.md", out)
+    assert f"[{link}]({link})" in text
 
 
 def test_every_paper_cell_is_planned_once():
