@@ -47,13 +47,16 @@ POOL_LABEL = {"acc": "ACC", "ma0.5": "MA α=0.5", "ma0.9": "MA α=0.9", "ma0.99"
 
 OLD_CAPS = {"tiny": 8, "small": 40, "movielens": 0}
 """Upstream steps per day of rows from before protocol files, where the dataset fixed them."""
-DATASET_NAMES = {
-    "small": "synthetic small world",
-    "small-14d": "synthetic small world, 14 days",
-    "small-28d": "synthetic small world, 28 days",
-    "tiny": "synthetic tiny world",
-    "movielens": "MovieLens-100K",
-}
+DATASET_NAMES = {"small": "synthetic small world", "tiny": "synthetic tiny world", "movielens": "MovieLens-100K"}
+
+
+def dataset_name(dataset: str) -> str:
+    """The readable name of a dataset; ``small-14d`` (a world generated with ``--days 14``) reads
+    "synthetic small world, 14 days"."""
+    longer = re.fullmatch(r"(.+)-(\d+)d", dataset)
+    if longer and longer[1] in DATASET_NAMES:
+        return f"{DATASET_NAMES[longer[1]]}, {longer[2]} days"
+    return DATASET_NAMES.get(dataset, dataset)
 
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
@@ -77,7 +80,7 @@ def _title(r: dict) -> str:
     """The section title: the dataset's name, its protocol where it is not the dataset's own, and
     the upstream settings where they are not the protocol's."""
     dataset, protocol = r["dataset"], r.get("protocol")
-    parts = [DATASET_NAMES.get(dataset, dataset)]
+    parts = [dataset_name(dataset)]
     if protocol is None:
         parts.append("one downstream training day (before protocol files)")
     elif protocol != dataset:
@@ -101,6 +104,7 @@ class Dataset:
         # A variant's own baseline (the reading table's full-rank baseline) where there is one.
         self.variant_baseline = {(r["seed"], r["kind"], r["variant"]): r for r in rows if r.get("variant") and not r["derm"]}
         self.seeds = sorted({r["seed"] for r in rows})
+        self.has_lifts = any(r["derm"] for r in rows)  # False for a run of baselines alone
 
     def metric(self, r: dict, key: str) -> float:
         return r["metrics"][self.label[r["kind"]]][key]
@@ -194,8 +198,9 @@ def report(datasets: dict[str, Dataset], out: Path) -> str:
         lines += _table1(ds) + _table_subsets(ds, "table2", "ctr", PAPER_TABLE2, "Table 2: DERM embeddings → downstream CTR")
         lines += _table_subsets(ds, "table4", "cvr", PAPER_TABLE4, "Table 4 (Appendix E.1): DERM embeddings → downstream CVR")
         lines += _appendix_d(ds) + _reading(ds)
+        _plots(ds, out)
         slug = _slug(ds.name)
-        if _plots(ds, out):
+        if ds.has_lifts:
             lines += [f"![lifts on {ds.name}]({slug}-lifts.png)", ""]
         if len(_projection_rows(ds)) > 1:
             lines += [f"![projection width on {ds.name}]({slug}-projection.png)", ""]
@@ -249,11 +254,11 @@ def _examples(ds: Dataset, kind: str) -> str:
 def _headline(ds: Dataset) -> list[str]:
     """The lifts the issue asks for, paired per seed, with the share of the gap to the oracle
     closed, whether the mean clears 2 std, and the embeddings' coverage."""
+    if not ds.has_lifts:  # baselines alone: their table and curve say it all
+        return []
     lines = ["### The lift, paired by seed", "",
              "| model, DERM input | ROC-AUC | baseline | ROC-AUC lift % | > 2 std | gap to oracle closed % | PR-AUC lift % "
              "| coverage of test rows |", "|---|---|---|---|---|---|---|---|"]
-    if not any(r["derm"] for r in ds.rows):  # baselines alone: their table and curve say it all
-        return []
     for table, kind, derm, name in HEADLINE:
         rows = ds.select(table, kind, derm, projection=32)
         if not rows:
@@ -395,12 +400,16 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _plots(ds: Dataset, out: Path) -> bool:
-    """Write the dataset's PNGs; -> whether there was a lift to plot (baselines alone have none)."""
+def _plots(ds: Dataset, out: Path) -> None:
+    """Write the dataset's PNGs: the lifts and projection widths where there are lifts, the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    _curve_plot(ds, out, plt)
+    if not ds.has_lifts:
+        return
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [
@@ -408,7 +417,6 @@ def _plots(ds: Dataset, out: Path) -> bool:
         ("Table 2: embeddings → CTR", [(_short(k), ds.select("table2", "ctr", k, projection=32)) for k in PAPER_TABLE2]),
         ("Table 4: embeddings → CVR", [(_short(k), ds.select("table4", "cvr", k, projection=32)) for k in PAPER_TABLE4]),
     ]
-    has_lifts = any(rs for _, bars in panels for _, rs in bars)
     for ax, (title, bars) in zip(axes, panels):
         bars = [(n, rs) for n, rs in bars if rs]
         means = [mean_std(ds.lifts(rs, "roc_auc")) for _, rs in bars]
@@ -419,14 +427,12 @@ def _plots(ds: Dataset, out: Path) -> bool:
         ax.set_ylabel("ROC-AUC lift over baseline (%)")
     fig.suptitle(f"{ds.name}: DERM lifts (mean ± std over {len(ds.seeds)} seeds)")
     fig.tight_layout()
-    if has_lifts:
-        fig.savefig(out / f"{_slug(ds.name)}-lifts.png", dpi=110)
+    fig.savefig(out / f"{_slug(ds.name)}-lifts.png", dpi=110)
     plt.close(fig)
 
-    _curve_plot(ds, out, plt)
     rows = _projection_rows(ds)
     if len(rows) < 2:
-        return has_lifts
+        return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     xs = list(range(len(rows)))
     lift = [mean_std(ds.lifts(rs, "roc_auc")) for _, rs in rows]
@@ -439,7 +445,6 @@ def _plots(ds: Dataset, out: Path) -> bool:
     fig.tight_layout()
     fig.savefig(out / f"{_slug(ds.name)}-projection.png", dpi=110)
     plt.close(fig)
-    return has_lifts
 
 
 def _curve_plot(ds: Dataset, out: Path, plt) -> None:
