@@ -18,8 +18,9 @@ daily pipeline, :mod:`pipeline.driver`, runs the same steps as TorchX jobs):
    feature store (``embeddings.publish.publish``).
 3. **Downstream cells.** Each cell trains a fresh downstream model (:mod:`trainer.downstream`)
    incrementally, one pass a day, over the downstream training days — a row of day d reads the
-   versions of day d − 1 — and is evaluated on the validation days after each (the learning curve),
-   then on the test days. It trains once per value of the protocol's tuning grid; the validation
+   versions of day d − 1 — and is evaluated after each on the validation days (the learning curve)
+   and on the next day, before training on it (progressive validation: where the world drifts, its
+   gap to the oracle shows convergence), then on the test days. It trains once per value of the protocol's tuning grid; the validation
    days pick one, the test days report it. The baseline is the same model without DERM embeddings,
    with the same seed, data, steps and grid.
 
@@ -133,7 +134,9 @@ class Protocol:
     upstream_batch_size: int
     downstream_batch_size: int
     dense_lr: tuple[float, ...]
-    """The tuning grid: every cell, baseline included, trains once per value; the validation days
+    sparse_lr: tuple[float, ...]
+    """The tuning grid is every pair of a ``dense_lr`` and a ``sparse_lr`` (the embedding tables'
+    fused optimizer): every cell, baseline included, trains once per pair; the validation days
     pick one (same budget for every cell)."""
     min_positives: int
     """A label with fewer positives on the test days is reported as "too few positives (n)"."""
@@ -141,6 +144,11 @@ class Protocol:
     @property
     def upstream_overrides(self) -> dict[str, Any]:
         return {"data": {"batch_size": self.upstream_batch_size}, "train": {"max_steps_per_day": self.upstream_steps_per_day}}
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        """The tuning grid: every ``(dense_lr, sparse_lr)`` pair."""
+        return [(d, s) for d in self.dense_lr for s in self.sparse_lr]
 
     @property
     def downstream_overrides(self) -> dict[str, Any]:
@@ -182,6 +190,8 @@ def load_protocol(path: Path, days: list[str], upstream_steps_per_day: int | Non
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"protocol {path}: {e}") from None
+    from sharding.config import OptimizerConfig
+
     where = f"protocol {path}"
     try:
         split = {k: _slice(days, raw["days"][k], f"{where} [days] {k}") for k in ("upstream", "embed", "train", "validation", "test")}
@@ -195,7 +205,9 @@ def load_protocol(path: Path, days: list[str], upstream_steps_per_day: int | Non
             downstream_features=tuple(features),
             upstream_steps_per_day=int(up["steps_per_day"] if upstream_steps_per_day is None else upstream_steps_per_day),
             upstream_batch_size=int(up["batch_size"]), downstream_batch_size=int(down["batch_size"]),
-            dense_lr=tuple(float(v) for v in down.get("dense_lr", [1e-3])), min_positives=int(raw.get("min_positives", 100)),
+            dense_lr=tuple(float(v) for v in down.get("dense_lr", [OptimizerConfig.dense_lr])),
+            sparse_lr=tuple(float(v) for v in down.get("sparse_lr", [OptimizerConfig.sparse_lr])),
+            min_positives=int(raw.get("min_positives", 100)),
         )
     except KeyError as e:
         raise ValueError(f"{where}: missing key {e}") from None
@@ -330,7 +342,7 @@ class Experiment:
     def run_cell(self, cell: Cell) -> dict:
         """Trains the cell once per value of the protocol's tuning grid; the validation days pick
         one, whose test-day metrics are the cell's (``metrics``). Every run is kept in ``tuning``."""
-        runs = [self._train_cell(cell, lr) for lr in self.protocol.dense_lr]
+        runs = [self._train_cell(cell, dense_lr, sparse_lr) for dense_lr, sparse_lr in self.protocol.grid]
         label = next(iter(runs[0]["validation"]))
         best = max(runs, key=lambda r: _score(r["validation"][label]["roc_auc"]))
         p = self.protocol
@@ -341,13 +353,14 @@ class Experiment:
             "derm": list(cell.derm), "pool": _pool_name(cell.pool), "projection_dim": cell.projection_dim,
             "similarity": cell.similarity, "variant": cell.variant, "train_days": p.train_days, "validation_days": p.validation_days,
             "test_days": p.test_days, "min_positives": p.min_positives,
-            **{k: best[k] for k in ("dense_lr", "train_examples", "train_steps", "train_examples_per_s", "eval_seconds",
+            **{k: best[k] for k in ("dense_lr", "sparse_lr", "train_examples", "train_steps", "train_examples_per_s", "eval_seconds",
                                      "input_width", "derm_width", "curve", "coverage", "validation")},
             "metrics": best["test"],
-            "tuning": [{"dense_lr": r["dense_lr"], "validation_roc_auc": r["validation"][label]["roc_auc"]} for r in runs],
+            "tuning": [{"dense_lr": r["dense_lr"], "sparse_lr": r["sparse_lr"], "validation_roc_auc": r["validation"][label]["roc_auc"]}
+                       for r in runs],
         }
 
-    def _train_cell(self, cell: Cell, dense_lr: float) -> dict:
+    def _train_cell(self, cell: Cell, dense_lr: float, sparse_lr: float) -> dict:
         """One training of a cell: incremental over the train days, evaluated on the validation
         days after each (the learning curve), then on the test days."""
         from common.config import from_dict
@@ -355,7 +368,7 @@ class Experiment:
         from trainer.downstream import DownstreamTrainer
 
         p = self.protocol
-        run_dir = self.work / "downstream" / (cell.name if len(p.dense_lr) == 1 else f"{cell.name}-lr{dense_lr:g}")
+        run_dir = self.work / "downstream" / (cell.name if len(p.grid) == 1 else f"{cell.name}-lr{dense_lr:g}-slr{sparse_lr:g}")
         shutil.rmtree(run_dir, ignore_errors=True)
         # Every cell reads the default pools except Table 1's cvr_user: one store root per cell,
         # mixing in the varied cvr-user store through a per-cell folder of links.
@@ -364,7 +377,7 @@ class Experiment:
                       "data": {"root": str(self.data), "source": cell.kind, "synthetic_preset": ""},
                       "train": {"run_dir": str(run_dir), "seed": self.seed, "log_every": 50},
                       "model": {"features": list(p.downstream_features)},
-                      "optimizer": {"dense_lr": dense_lr},
+                      "optimizer": {"dense_lr": dense_lr, "sparse_lr": sparse_lr},
                       "derm": {"features": list(cell.derm), "store_root": str(store_root), "projection_dim": cell.projection_dim,
                                "similarity": cell.similarity}},
                      _merge(p.downstream_overrides, VARIANTS.get(cell.variant, {})))
@@ -372,12 +385,18 @@ class Experiment:
         trainer = DownstreamTrainer(config, self.ctx)
         try:
             days, curve, examples = [], [], 0
-            for d in p.train_days:
+            # The day after each training day, evaluated before it is trained on (progressive
+            # validation): on a world that drifts, a fixed validation day favours the training days
+            # nearest to it, and this curve's gap to the oracle is what shows convergence.
+            for d, ahead in zip(p.train_days, p.train_days[1:] + p.validation_days[:1]):
                 days.append(trainer.train_day(d))
                 examples += days[-1]["examples"]
                 validation = trainer.evaluate(p.validation_days)
+                next_day = validation if p.validation_days == [ahead] else trainer.evaluate([ahead])
                 curve.append({"day": d, "examples": examples, "coverage": days[-1].get("coverage"),
-                              "validation": {k: m["roc_auc"] for k, m in validation.items()}})
+                              "validation": {k: m["roc_auc"] for k, m in validation.items()},
+                              "next_day": {"day": ahead, **{k: {"roc_auc": m["roc_auc"], "oracle_roc_auc": m.get("oracle_roc_auc")}
+                                                             for k, m in next_day.items()}}})
             t0 = time.perf_counter()
             test = trainer.evaluate(p.test_days)
             test_coverage = trainer.eval_extras().get("coverage")
@@ -386,7 +405,7 @@ class Experiment:
             trainer.close()
         seconds = sum(d["seconds"] for d in days)
         return {
-            "dense_lr": dense_lr, "train_examples": examples, "train_steps": sum(d["steps"] for d in days),
+            "dense_lr": dense_lr, "sparse_lr": sparse_lr, "train_examples": examples, "train_steps": sum(d["steps"] for d in days),
             "train_examples_per_s": round(examples / max(seconds, 1e-9), 1), "eval_seconds": round(eval_s, 1),
             "input_width": getattr(trainer_model(trainer), "input_dim", None),
             "derm_width": sum(f.output_dim for f in trainer.model_config.derm),

@@ -239,10 +239,15 @@ def _protocol(ds: Dataset) -> list[str]:
     def span(days: list[str]) -> str:
         return days[0] if len(days) == 1 else f"{days[0]} .. {days[-1]} ({len(days)} days)"
 
-    grid = sorted({t["dense_lr"] for row in ds.rows for t in row.get("tuning", [])})
+    # Rows made before the grid had a sparse learning rate record the dense one alone.
+    grid = sorted({(t["dense_lr"], t.get("sparse_lr", -1.0)) for row in ds.rows for t in row.get("tuning", [])})
+    if all(s < 0 for _, s in grid):
+        grid_text = f"dense learning rate, every cell alike: {', '.join(f'{d:g}' for d, _ in grid)}"
+    else:
+        grid_text = f"dense / sparse learning rate, every cell alike: {', '.join(f'{d:g} / {s:g}' for d, s in grid)}"
     return [f"Protocol `{r['protocol']}`: downstream models train incrementally over {span(r['train_days'])}, one pass a "
             f"day; choices on {span(r['validation_days'])}; reported on {span(r['test_days'])}. Tuning grid "
-            f"(dense learning rate, every cell alike): {', '.join(f'{v:g}' for v in grid)}. Examples seen per CTR / CVR model: "
+            f"({grid_text}). Examples seen per CTR / CVR model: "
             + " / ".join(f"{_examples(ds, k)}" for k in ("ctr", "cvr")) + ".", ""]
 
 
@@ -306,7 +311,73 @@ def _curve(ds: Dataset) -> list[str]:
             label = ds.label[rs[0]["kind"]]
             cells.append(_abs([r["curve"][i]["validation"][label] for r in rs if len(r["curve"]) > i]))
         lines.append(f"| {day} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + [""] + _next_day(ds)
+
+
+def _next_day_series(ds: Dataset) -> list[tuple[str, list[dict]]]:
+    """The curve series whose rows have the next-day (progressive) evaluation (rows made before it
+    have none)."""
+    return [(n, rs) for n, rs in _curve_series(ds) if all("next_day" in p for r in rs for p in r["curve"])]
+
+
+def _next_day_points(ds: Dataset, rs: list[dict], gap: bool) -> list[list[float]]:
+    """Per training day, over seeds: the next day's ROC-AUC, or the oracle's minus it."""
+    label = ds.label[rs[0]["kind"]]
+    points = []
+    for i in range(len(rs[0]["curve"])):
+        metrics = [r["curve"][i]["next_day"][label] for r in rs if len(r["curve"]) > i]
+        points.append([m["oracle_roc_auc"] - m["roc_auc"] if gap else m["roc_auc"] for m in metrics])
+    return points
+
+
+def _has_oracle(ds: Dataset, rs: list[dict]) -> bool:
+    return rs[0]["curve"][0]["next_day"][ds.label[rs[0]["kind"]]].get("oracle_roc_auc") is not None
+
+
+def _next_day(ds: Dataset) -> list[str]:
+    """The day after each training day, evaluated before training on it, and its gap to the
+    oracle: on a drifting world the fixed validation day favours the days nearest to it, so this
+    gap is what says whether a model has stopped learning."""
+    cols = _next_day_series(ds)
+    if not cols:
+        return []
+    lines = ["### Next-day ROC-AUC, before training on that day (progressive validation)", "",
+             "Mean ± std over seeds; after it, the gap: the oracle's ROC-AUC on that day minus the model's. "
+             "A model has converged when its gap stops shrinking.", "",
+             "| evaluated day | " + " | ".join(n for n, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for i, p in enumerate(cols[0][1][0]["curve"]):
+        cells = []
+        for _, rs in cols:
+            auc = _abs(_next_day_points(ds, rs, gap=False)[i])
+            cells.append(f"{auc}; gap {statistics.mean(_next_day_points(ds, rs, gap=True)[i]):.4f}" if _has_oracle(ds, rs) else auc)
+        lines.append(f"| {p['next_day']['day']} | " + " | ".join(cells) + " |")
+    return lines + [""] + _next_day_lifts(ds, cols)
+
+
+def _next_day_lifts(ds: Dataset, cols: list[tuple[str, list[dict]]]) -> list[str]:
+    """Per model, the paired next-day ROC-AUC lift averaged over the second half of the training
+    days, where the baselines have done most of their learning: one mean per seed, then mean ±
+    std over seeds. More evaluated days than the test day alone; the last is the validation day,
+    the test day is never among them."""
+    out = []
+    for name, rs in cols:
+        if not rs[0]["derm"]:
+            continue
+        label, per_seed, days = ds.label[rs[0]["kind"]], [], []
+        for r in rs:
+            base = ds.baseline_of(r)
+            if base is None or "next_day" not in base["curve"][0]:
+                continue
+            half = range(len(r["curve"]) // 2, len(r["curve"]))
+            days = [r["curve"][i]["next_day"]["day"] for i in half]
+            per_seed.append(statistics.mean(100 * (r["curve"][i]["next_day"][label]["roc_auc"] /
+                                                   base["curve"][i]["next_day"][label]["roc_auc"] - 1) for i in half))
+        if per_seed:
+            out.append(f"| {name} | {days[0]} .. {days[-1]} ({len(days)} day{'s' * (len(days) > 1)}) | {fmt(per_seed, seeds=len(ds.seeds))} |")
+    if not out:
+        return []
+    return ["Paired next-day ROC-AUC lift %, each seed's mean over the second half of the training days' next days:", "",
+            "| model | next days | ROC-AUC lift % |", "|---|---|---|", *out, ""]
 
 
 def _abs(values: list[float]) -> str:
@@ -452,8 +523,9 @@ def _curve_plot(ds: Dataset, out: Path, plt) -> None:
     cols = _curve_series(ds)
     if not cols:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, kind in zip(axes, ("ctr", "cvr")):
+    progressive = _next_day_series(ds)
+    fig, axes = plt.subplots(2 if progressive else 1, 2, figsize=(12, 8.4 if progressive else 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], ("ctr", "cvr")):
         for name, rs in cols:
             if rs[0]["kind"] != kind:
                 continue
@@ -466,7 +538,20 @@ def _curve_plot(ds: Dataset, out: Path, plt) -> None:
         ax.set_ylabel(f"validation ROC-AUC ({ds.label.get(kind)})")
         ax.set_title(f"downstream {kind.upper()}", fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{ds.name}: learning curves on the validation days (mean ± std over {len(ds.seeds)} seeds)")
+    for ax, kind in zip(axes[1] if progressive else (), ("ctr", "cvr")):
+        for name, rs in progressive:
+            if rs[0]["kind"] != kind:
+                continue
+            gap = _has_oracle(ds, rs)
+            ms = [mean_std(p) for p in _next_day_points(ds, rs, gap)]
+            xs = [p["examples"] for p in rs[0]["curve"]]
+            ax.errorbar(xs, [m for m, _ in ms], yerr=[sd for _, sd in ms], marker="o", capsize=3, label=name)
+            ax.set_ylabel(f"next day: oracle − model ROC-AUC ({ds.label.get(kind)})" if gap else
+                          f"next-day ROC-AUC ({ds.label.get(kind)})")
+        ax.set_xlabel("examples trained on")
+        ax.set_title(f"downstream {kind.upper()}: the next day, before training on it", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{ds.name}: learning curves (mean ± std over {len(ds.seeds)} seeds)")
     fig.tight_layout()
     fig.savefig(out / f"{_slug(ds.name)}-curve.png", dpi=110)
     plt.close(fig)

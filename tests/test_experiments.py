@@ -78,11 +78,36 @@ def test_a_run_of_baselines_alone_reports_their_table_and_no_lifts(tmp_path):
     assert report.main([str(path), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "| ctr | click | 0.6000 (n=1) |" in text  # one seed: no spread to show
+    assert "Tuning grid (dense learning rate, every cell alike: 0.001)" in text  # rows from before the sparse rate
     assert "The lift, paired by seed" not in text and "-lifts.png" not in text
     assert not list(out.glob("*-lifts.png"))
     # the link to the discussion is relative to the report's own folder
     link = os.path.relpath(REPO / "docs" / "experiments.md", out)
     assert f"[{link}]({link})" in text
+
+
+def test_the_next_day_curve_reports_each_days_gap_to_the_oracle():
+    rows = []
+    for seed, auc in ((0, 0.60), (1, 0.62)):
+        row = _row(seed, "baseline", "ctr", (), auc, 0.10)
+        row["curve"] = [{"day": d, "examples": 2048 * (i + 1), "validation": {"click": auc},
+                         "next_day": {"day": ahead, "click": {"roc_auc": auc + i / 100, "oracle_roc_auc": 0.8}}}
+                        for i, (d, ahead) in enumerate((("2026-01-02", "2026-01-03"), ("2026-01-03", "2026-01-04")))]
+        rows.append(row)
+    text = "\n".join(report._curve(report.Dataset("small", rows)))
+    assert "| 2026-01-03 | 0.6100 ± 0.0141; gap 0.1900 |" in text and "| 2026-01-04 | 0.6200 ± 0.0141; gap 0.1800 |" in text
+    derm = []
+    for seed, factor in ((0, 1.10), (1, 1.20)):  # 10 % and 20 % above the same seed's baseline, every day
+        row = {**_row(seed, "table2", "ctr", lift.ALL4, 0.7, 0.1), "curve": json.loads(json.dumps(rows[seed]["curve"]))}
+        for point in row["curve"]:
+            point["next_day"]["click"]["roc_auc"] *= factor
+        derm.append(row)
+    text = "\n".join(report._curve(report.Dataset("small", rows + derm)))
+    assert "| CTR, all four embeddings | 2026-01-04 .. 2026-01-04 (1 day) | +15.00 ± 7.07 |" in text
+    for r in rows:  # rows made before the next-day curve: no such table
+        for point in r["curve"]:
+            del point["next_day"]
+    assert "Next-day" not in "\n".join(report._curve(report.Dataset("small", rows)))
 
 
 def test_every_paper_cell_is_planned_once():
@@ -115,6 +140,21 @@ def test_validation_and_test_days_are_kept_apart_and_read_published_versions(tmp
     bad.write_text((lift.PROTOCOLS / "small.toml").read_text().replace('train = "1:-2"', 'train = "one"'))
     with pytest.raises(ValueError, match="'one' is not a slice"):
         lift.load_protocol(bad, days)
+
+
+def test_the_tuning_grid_pairs_every_dense_with_every_sparse_learning_rate(tmp_path):
+    from sharding.config import OptimizerConfig
+
+    days = [f"2026-01-0{i}" for i in range(1, 8)]
+    grid = tmp_path / "grid.toml"
+    grid.write_text((lift.PROTOCOLS / "tiny.toml").read_text().replace("dense_lr = [1e-3]", "dense_lr = [1e-3, 3e-3]\nsparse_lr = [0.05, 0.2]"))
+    assert lift.load_protocol(grid, days).grid == [(1e-3, 0.05), (1e-3, 0.2), (3e-3, 0.05), (3e-3, 0.2)]
+    assert lift.protocol("tiny", days).grid == [(1e-3, OptimizerConfig.sparse_lr)]  # unset: the optimizer's default
+    rows = [{**_row(0, "baseline", "ctr", (), 0.60, 0.10), "protocol": "grid", "train_days": days[1:5], "validation_days": days[5:6],
+             "test_days": days[6:], "train_examples": 2048, "train_steps": 1,
+             "tuning": [{"dense_lr": d, "sparse_lr": s, "validation_roc_auc": 0.6} for d, s in lift.load_protocol(grid, days).grid]}]
+    assert ("Tuning grid (dense / sparse learning rate, every cell alike: 0.001 / 0.05, 0.001 / 0.2, 0.003 / 0.05, 0.003 / 0.2)"
+            in "\n".join(report._protocol(report.Dataset("small", rows))))
 
 
 @pytest.mark.slow
