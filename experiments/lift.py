@@ -19,8 +19,8 @@ daily pipeline, :mod:`pipeline.driver`, runs the same steps as TorchX jobs):
 3. **Downstream cells.** Each cell trains a fresh downstream model (:mod:`trainer.downstream`)
    incrementally, one pass a day, over the downstream training days — a row of day d reads the
    versions of day d − 1 — and is evaluated after each on the validation days (the learning curve)
-   and on the next day, before training on it (progressive validation: where the world drifts, its
-   gap to the oracle shows convergence), then on the test days. It trains once per value of the protocol's tuning grid; the validation
+   and on the next day, before training on it (progressive validation: where the world drifts,
+   its gap to the oracle shows convergence), then on the test days. It trains once per value of the protocol's tuning grid; the validation
    days pick one, the test days report it. The baseline is the same model without DERM embeddings,
    with the same seed, data, steps and grid.
 
@@ -61,6 +61,8 @@ TABLE1_POOLS = (("acc", None), ("ma", 0.5), ("ma", 0.9), ("ma", 0.99), ("ap", No
 VARIANTS = {"full_rank": {"model": {"low_rank": 0}}, "raw": {"derm": {"standardize": False}}}
 """Config overrides of the ``reading`` table's cells."""
 PROTOCOLS = Path(__file__).resolve().parent / "protocols"
+NEXT_DAY_METRICS = ("roc_auc", "oracle_roc_auc", "positives", "count")
+"""What the progressive curve keeps of each next day's metrics per label."""
 REPO = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
@@ -134,10 +136,9 @@ class Protocol:
     upstream_batch_size: int
     downstream_batch_size: int
     dense_lr: tuple[float, ...]
+    """The dense optimizer's learning rates of the tuning grid (:attr:`grid`)."""
     sparse_lr: tuple[float, ...]
-    """The tuning grid is every pair of a ``dense_lr`` and a ``sparse_lr`` (the embedding tables'
-    fused optimizer): every cell, baseline included, trains once per pair; the validation days
-    pick one (same budget for every cell)."""
+    """The embedding tables' (fused optimizer's) learning rates of the tuning grid."""
     min_positives: int
     """A label with fewer positives on the test days is reported as "too few positives (n)"."""
 
@@ -147,8 +148,17 @@ class Protocol:
 
     @property
     def grid(self) -> list[tuple[float, float]]:
-        """The tuning grid: every ``(dense_lr, sparse_lr)`` pair."""
+        """The tuning grid: every ``(dense_lr, sparse_lr)`` pair. Every cell, baseline included,
+        trains once per pair; the validation days pick one (same budget for every cell)."""
         return [(d, s) for d in self.dense_lr for s in self.sparse_lr]
+
+    @property
+    def next_days(self) -> list[tuple[str, str]]:
+        """``(training day, the protocol's next day)`` pairs of the progressive validation: each
+        training day is followed by the next training day, the last one by the first validation
+        day (the next day in the protocol's lists, which is the next calendar day where the
+        slices leave no gap)."""
+        return list(zip(self.train_days, self.train_days[1:] + self.validation_days[:1]))
 
     @property
     def downstream_overrides(self) -> dict[str, Any]:
@@ -361,8 +371,9 @@ class Experiment:
         }
 
     def _train_cell(self, cell: Cell, dense_lr: float, sparse_lr: float) -> dict:
-        """One training of a cell: incremental over the train days, evaluated on the validation
-        days after each (the learning curve), then on the test days."""
+        """One training of a cell: incremental over the train days, evaluated after each on the
+        validation days (the learning curve) and on the next day before training on it (the
+        progressive curve, :attr:`Protocol.next_days`), then on the test days."""
         from common.config import from_dict
         from trainer.config import DownstreamRunConfig
         from trainer.downstream import DownstreamTrainer
@@ -388,17 +399,17 @@ class Experiment:
             # The day after each training day, evaluated before it is trained on (progressive
             # validation): on a world that drifts, a fixed validation day favours the training days
             # nearest to it, and this curve's gap to the oracle is what shows convergence.
-            for d, ahead in zip(p.train_days, p.train_days[1:] + p.validation_days[:1]):
+            for d, ahead in p.next_days:
                 days.append(trainer.train_day(d))
                 examples += days[-1]["examples"]
                 validation = trainer.evaluate(p.validation_days)
-                next_day = validation if p.validation_days == [ahead] else trainer.evaluate([ahead])
+                next_day = validation if p.validation_days == [ahead] else trainer.evaluate([ahead], tag="next_day")
                 curve.append({"day": d, "examples": examples, "coverage": days[-1].get("coverage"),
                               "validation": {k: m["roc_auc"] for k, m in validation.items()},
-                              "next_day": {"day": ahead, **{k: {"roc_auc": m["roc_auc"], "oracle_roc_auc": m.get("oracle_roc_auc")}
+                              "next_day": {"day": ahead, **{k: {key: m.get(key) for key in NEXT_DAY_METRICS}
                                                              for k, m in next_day.items()}}})
             t0 = time.perf_counter()
-            test = trainer.evaluate(p.test_days)
+            test = trainer.evaluate(p.test_days, tag="test")
             test_coverage = trainer.eval_extras().get("coverage")
             eval_s = time.perf_counter() - t0
         finally:

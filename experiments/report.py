@@ -122,8 +122,13 @@ class Dataset:
         for r in rows:
             base = self.baseline_of(r)
             if base is not None and self.too_few(r) is None:
-                out.append(100 * (self.metric(r, key) / self.metric(base, key) - 1))
+                out.append(self.lift(self.metric(r, key), self.metric(base, key)))
         return out
+
+    @staticmethod
+    def lift(value: float, baseline: float) -> float:
+        """The lift in % of ``value`` over ``baseline``."""
+        return 100 * (value / baseline - 1)
 
     def baseline_of(self, r: dict) -> dict | None:
         """The same seed's baseline: the variant's own where it has one, else the plain one."""
@@ -240,11 +245,13 @@ def _protocol(ds: Dataset) -> list[str]:
         return days[0] if len(days) == 1 else f"{days[0]} .. {days[-1]} ({len(days)} days)"
 
     # Rows made before the grid had a sparse learning rate record the dense one alone.
-    grid = sorted({(t["dense_lr"], t.get("sparse_lr", -1.0)) for row in ds.rows for t in row.get("tuning", [])})
-    if all(s < 0 for _, s in grid):
+    grid = sorted({(t["dense_lr"], t.get("sparse_lr")) for row in ds.rows for t in row.get("tuning", [])},
+                  key=lambda pair: (pair[0], -1.0 if pair[1] is None else pair[1]))
+    if all(s is None for _, s in grid):
         grid_text = f"dense learning rate, every cell alike: {', '.join(f'{d:g}' for d, _ in grid)}"
     else:
-        grid_text = f"dense / sparse learning rate, every cell alike: {', '.join(f'{d:g} / {s:g}' for d, s in grid)}"
+        grid_text = ("dense / sparse learning rate, every cell alike: "
+                     + ", ".join(f"{d:g} / {'not recorded' if s is None else f'{s:g}'}" for d, s in grid))
     return [f"Protocol `{r['protocol']}`: downstream models train incrementally over {span(r['train_days'])}, one pass a "
             f"day; choices on {span(r['validation_days'])}; reported on {span(r['test_days'])}. Tuning grid "
             f"({grid_text}). Examples seen per CTR / CVR model: "
@@ -304,14 +311,15 @@ def _curve(ds: Dataset) -> list[str]:
     lines = ["### Learning curve: validation ROC-AUC after each downstream training day", "",
              "Mean ± std over seeds, on the validation days (never the test day).", "",
              "| after day | " + " | ".join(n for n, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    days = [p["day"] for p in cols[0][1][0]["curve"]]
-    for i, day in enumerate(days):
-        cells = []
-        for _, rs in cols:
-            label = ds.label[rs[0]["kind"]]
-            cells.append(_abs([r["curve"][i]["validation"][label] for r in rs if len(r["curve"]) > i]))
+    for i, day in enumerate(p["day"] for p in cols[0][1][0]["curve"]):
+        cells = [_abs(_curve_points(rs, lambda p, label=ds.label[rs[0]["kind"]]: p["validation"][label])[i]) for _, rs in cols]
         lines.append(f"| {day} | " + " | ".join(cells) + " |")
     return lines + [""] + _next_day(ds)
+
+
+def _curve_points(rs: list[dict], get) -> list[list[float]]:
+    """Per point of the first row's curve, ``get(point)`` of every seed's row that has it."""
+    return [[get(r["curve"][i]) for r in rs if len(r["curve"]) > i] for i in range(len(rs[0]["curve"]))]
 
 
 def _next_day_series(ds: Dataset) -> list[tuple[str, list[dict]]]:
@@ -320,18 +328,16 @@ def _next_day_series(ds: Dataset) -> list[tuple[str, list[dict]]]:
     return [(n, rs) for n, rs in _curve_series(ds) if all("next_day" in p for r in rs for p in r["curve"])]
 
 
-def _next_day_points(ds: Dataset, rs: list[dict], gap: bool) -> list[list[float]]:
-    """Per training day, over seeds: the next day's ROC-AUC, or the oracle's minus it."""
-    label = ds.label[rs[0]["kind"]]
-    points = []
-    for i in range(len(rs[0]["curve"])):
-        metrics = [r["curve"][i]["next_day"][label] for r in rs if len(r["curve"]) > i]
-        points.append([m["oracle_roc_auc"] - m["roc_auc"] if gap else m["roc_auc"] for m in metrics])
-    return points
-
-
-def _has_oracle(ds: Dataset, rs: list[dict]) -> bool:
-    return rs[0]["curve"][0]["next_day"][ds.label[rs[0]["kind"]]].get("oracle_roc_auc") is not None
+def _next_days(ds: Dataset, r: dict) -> dict[str, dict]:
+    """A row's next-day metrics of its label, by evaluated day: only the days with an AUC, and
+    (where the count was kept) at least the row's ``min_positives`` positives."""
+    label, floor = ds.label[r["kind"]], r.get("min_positives", 0)
+    out = {}
+    for p in r["curve"]:
+        m = p["next_day"][label]
+        if m["roc_auc"] == m["roc_auc"] and (m.get("positives") is None or m["positives"] >= floor):
+            out[p["next_day"]["day"]] = m
+    return out
 
 
 def _next_day(ds: Dataset) -> list[str]:
@@ -341,42 +347,53 @@ def _next_day(ds: Dataset) -> list[str]:
     cols = _next_day_series(ds)
     if not cols:
         return []
+    by_day = [(name, [_next_days(ds, r) for r in rs]) for name, rs in cols]
+    oracle = any(m.get("oracle_roc_auc") is not None for _, rows in by_day for days in rows for m in days.values())
     lines = ["### Next-day ROC-AUC, before training on that day (progressive validation)", "",
-             "Mean ± std over seeds; after it, the gap: the oracle's ROC-AUC on that day minus the model's. "
-             "A model has converged when its gap stops shrinking.", "",
+             "Mean ± std over seeds" + ("; after it, the gap: the oracle's ROC-AUC on that day minus the model's. A model has "
+                                        "converged when its gap stops shrinking." if oracle else
+                                        ". A model has converged when its next-day ROC-AUC stops rising.")
+             + " A day with too few positives is left out.", "",
              "| evaluated day | " + " | ".join(n for n, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for i, p in enumerate(cols[0][1][0]["curve"]):
+    for day in [p["next_day"]["day"] for p in cols[0][1][0]["curve"]]:
         cells = []
-        for _, rs in cols:
-            auc = _abs(_next_day_points(ds, rs, gap=False)[i])
-            cells.append(f"{auc}; gap {statistics.mean(_next_day_points(ds, rs, gap=True)[i]):.4f}" if _has_oracle(ds, rs) else auc)
-        lines.append(f"| {p['next_day']['day']} | " + " | ".join(cells) + " |")
+        for _, rows in by_day:
+            metrics = [days[day] for days in rows if day in days]
+            gaps = [m["oracle_roc_auc"] - m["roc_auc"] for m in metrics if m.get("oracle_roc_auc") is not None]
+            cells.append(_abs([m["roc_auc"] for m in metrics]) + (f"; gap {statistics.mean(gaps):.4f}" if gaps else ""))
+        lines.append(f"| {day} | " + " | ".join(cells) + " |")
     return lines + [""] + _next_day_lifts(ds, cols)
 
 
 def _next_day_lifts(ds: Dataset, cols: list[tuple[str, list[dict]]]) -> list[str]:
     """Per model, the paired next-day ROC-AUC lift averaged over the second half of the training
-    days, where the baselines have done most of their learning: one mean per seed, then mean ±
-    std over seeds. More evaluated days than the test day alone; the last is the validation day,
-    the test day is never among them."""
+    days' next days, where the baselines have done most of their learning: one mean per seed over
+    the days both it and its baseline have, then mean ± std over seeds. More evaluated days than
+    the test day alone; the validation days (where the grid chooses) and the test days are never
+    among them."""
     out = []
     for name, rs in cols:
         if not rs[0]["derm"]:
             continue
-        label, per_seed, days = ds.label[rs[0]["kind"]], [], []
+        per_seed, days = [], set()
         for r in rs:
             base = ds.baseline_of(r)
-            if base is None or "next_day" not in base["curve"][0]:
+            if base is None or not all("next_day" in p for p in base["curve"]):
                 continue
-            half = range(len(r["curve"]) // 2, len(r["curve"]))
-            days = [r["curve"][i]["next_day"]["day"] for i in half]
-            per_seed.append(statistics.mean(100 * (r["curve"][i]["next_day"][label]["roc_auc"] /
-                                                   base["curve"][i]["next_day"][label]["roc_auc"] - 1) for i in half))
+            curve = [p["next_day"]["day"] for p in r["curve"] if p["next_day"]["day"] not in r["validation_days"]]
+            mine, theirs = _next_days(ds, r), _next_days(ds, base)
+            shared = [d for d in curve[len(curve) // 2:] if d in mine and d in theirs]
+            if shared:
+                per_seed.append(statistics.mean(ds.lift(mine[d]["roc_auc"], theirs[d]["roc_auc"]) for d in shared))
+                days.update(shared)
         if per_seed:
-            out.append(f"| {name} | {days[0]} .. {days[-1]} ({len(days)} day{'s' * (len(days) > 1)}) | {fmt(per_seed, seeds=len(ds.seeds))} |")
+            days = sorted(days)
+            out.append(f"| {name} | {days[0]} .. {days[-1]} ({len(days)} day{'s' * (len(days) > 1)}) | "
+                       f"{fmt(per_seed, seeds=len(ds.seeds))} |")
     if not out:
         return []
-    return ["Paired next-day ROC-AUC lift %, each seed's mean over the second half of the training days' next days:", "",
+    return ["Paired next-day ROC-AUC lift %: each seed's mean over the second half of its training days' next days "
+            "(never a validation or test day), then mean ± std over seeds:", "",
             "| model | next days | ROC-AUC lift % |", "|---|---|---|", *out, ""]
 
 
@@ -530,7 +547,7 @@ def _curve_plot(ds: Dataset, out: Path, plt) -> None:
             if rs[0]["kind"] != kind:
                 continue
             label = ds.label[kind]
-            points = [[r["curve"][i]["validation"][label] for r in rs if len(r["curve"]) > i] for i in range(len(rs[0]["curve"]))]
+            points = _curve_points(rs, lambda p: p["validation"][label])
             xs = [p["examples"] for p in rs[0]["curve"]]
             ms = [mean_std(p) for p in points]
             ax.errorbar(xs, [m for m, _ in ms], yerr=[sd for _, sd in ms], marker="o", capsize=3, label=name)
@@ -542,9 +559,16 @@ def _curve_plot(ds: Dataset, out: Path, plt) -> None:
         for name, rs in progressive:
             if rs[0]["kind"] != kind:
                 continue
-            gap = _has_oracle(ds, rs)
-            ms = [mean_std(p) for p in _next_day_points(ds, rs, gap)]
-            xs = [p["examples"] for p in rs[0]["curve"]]
+            rows = [_next_days(ds, r) for r in rs]
+            gap = any(m.get("oracle_roc_auc") is not None for days in rows for m in days.values())
+            xs, ms = [], []
+            for p in rs[0]["curve"]:
+                metrics = [days[p["next_day"]["day"]] for days in rows if p["next_day"]["day"] in days]
+                values = [m["oracle_roc_auc"] - m["roc_auc"] if gap else m["roc_auc"] for m in metrics
+                          if not gap or m.get("oracle_roc_auc") is not None]
+                if values:
+                    xs.append(p["examples"])
+                    ms.append(mean_std(values))
             ax.errorbar(xs, [m for m, _ in ms], yerr=[sd for _, sd in ms], marker="o", capsize=3, label=name)
             ax.set_ylabel(f"next day: oracle − model ROC-AUC ({ds.label.get(kind)})" if gap else
                           f"next-day ROC-AUC ({ds.label.get(kind)})")

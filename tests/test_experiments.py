@@ -87,27 +87,37 @@ def test_a_run_of_baselines_alone_reports_their_table_and_no_lifts(tmp_path):
 
 
 def test_the_next_day_curve_reports_each_days_gap_to_the_oracle():
+    steps = (("2026-01-02", "2026-01-03"), ("2026-01-03", "2026-01-04"), ("2026-01-04", "2026-01-05"))  # 05: validation
     rows = []
     for seed, auc in ((0, 0.60), (1, 0.62)):
-        row = _row(seed, "baseline", "ctr", (), auc, 0.10)
+        row = {**_row(seed, "baseline", "ctr", (), auc, 0.10), "validation_days": ["2026-01-05"], "min_positives": 100}
         row["curve"] = [{"day": d, "examples": 2048 * (i + 1), "validation": {"click": auc},
-                         "next_day": {"day": ahead, "click": {"roc_auc": auc + i / 100, "oracle_roc_auc": 0.8}}}
-                        for i, (d, ahead) in enumerate((("2026-01-02", "2026-01-03"), ("2026-01-03", "2026-01-04")))]
+                         "next_day": {"day": ahead, "click": {"roc_auc": auc + i / 100, "oracle_roc_auc": 0.8, "positives": 500}}}
+                        for i, (d, ahead) in enumerate(steps)]
         rows.append(row)
     text = "\n".join(report._curve(report.Dataset("small", rows)))
     assert "| 2026-01-03 | 0.6100 ± 0.0141; gap 0.1900 |" in text and "| 2026-01-04 | 0.6200 ± 0.0141; gap 0.1800 |" in text
     derm = []
     for seed, factor in ((0, 1.10), (1, 1.20)):  # 10 % and 20 % above the same seed's baseline, every day
-        row = {**_row(seed, "table2", "ctr", lift.ALL4, 0.7, 0.1), "curve": json.loads(json.dumps(rows[seed]["curve"]))}
+        row = {**_row(seed, "table2", "ctr", lift.ALL4, 0.7, 0.1), "validation_days": ["2026-01-05"], "min_positives": 100,
+               "curve": json.loads(json.dumps(rows[seed]["curve"]))}
         for point in row["curve"]:
             point["next_day"]["click"]["roc_auc"] *= factor
         derm.append(row)
+    # the second half of the next days, leaving out the validation day: 2026-01-04 alone
     text = "\n".join(report._curve(report.Dataset("small", rows + derm)))
     assert "| CTR, all four embeddings | 2026-01-04 .. 2026-01-04 (1 day) | +15.00 ± 7.07 |" in text
-    for r in rows:  # rows made before the next-day curve: no such table
+    # a day with too few positives, or one class only (NaN), is left out of the table and the lifts
+    rows[0]["curve"][0]["next_day"]["click"]["positives"] = 40
+    rows[1]["curve"][0]["next_day"]["click"]["roc_auc"] = float("nan")
+    derm[0]["curve"][1]["next_day"]["click"]["roc_auc"] = float("nan")
+    text = "\n".join(report._curve(report.Dataset("small", rows + derm)))
+    assert "| 2026-01-03 | – | 0.7020 ± 0.0594; gap 0.0980 |" in text  # the baselines: one left out, one NaN
+    assert "| CTR, all four embeddings | 2026-01-04 .. 2026-01-04 (1 day) | +20.00 (n=1) |" in text
+    for r in rows + derm:  # rows made before the next-day curve: no such table
         for point in r["curve"]:
             del point["next_day"]
-    assert "Next-day" not in "\n".join(report._curve(report.Dataset("small", rows)))
+    assert "Next-day" not in "\n".join(report._curve(report.Dataset("small", rows + derm)))
 
 
 def test_every_paper_cell_is_planned_once():
@@ -147,9 +157,15 @@ def test_the_tuning_grid_pairs_every_dense_with_every_sparse_learning_rate(tmp_p
 
     days = [f"2026-01-0{i}" for i in range(1, 8)]
     grid = tmp_path / "grid.toml"
-    grid.write_text((lift.PROTOCOLS / "tiny.toml").read_text().replace("dense_lr = [1e-3]", "dense_lr = [1e-3, 3e-3]\nsparse_lr = [0.05, 0.2]"))
+    text = (lift.PROTOCOLS / "tiny.toml").read_text()
+    grid.write_text(text.replace("dense_lr = [1e-3]", "dense_lr = [1e-3, 3e-3]\nsparse_lr = [0.05, 0.2]"))
     assert lift.load_protocol(grid, days).grid == [(1e-3, 0.05), (1e-3, 0.2), (3e-3, 0.05), (3e-3, 0.2)]
     assert lift.protocol("tiny", days).grid == [(1e-3, OptimizerConfig.sparse_lr)]  # unset: the optimizer's default
+    # progressive validation: each training day, then the next one before it is trained; the last, the first validation day
+    assert lift.protocol("small", days).next_days == [(days[i], days[i + 1]) for i in range(1, 5)]
+    ml_days = [f"1998-03-{i:02d}" for i in range(1, 32)] + [f"1998-04-{i:02d}" for i in range(1, 23)]
+    p = lift.protocol("movielens", ml_days)
+    assert p.next_days[-1] == (p.train_days[-1], p.validation_days[0]) and len(p.validation_days) > 1
     rows = [{**_row(0, "baseline", "ctr", (), 0.60, 0.10), "protocol": "grid", "train_days": days[1:5], "validation_days": days[5:6],
              "test_days": days[6:], "train_examples": 2048, "train_steps": 1,
              "tuning": [{"dense_lr": d, "sparse_lr": s, "validation_roc_auc": 0.6} for d, s in lift.load_protocol(grid, days).grid]}]
@@ -173,6 +189,11 @@ def test_smoke_run_on_the_tiny_world_resumes_and_reports(tiny_world_4, tmp_path)
     assert {(tuple(r["train_days"]), tuple(r["validation_days"]), tuple(r["test_days"])) for r in rows} == {
         (("2026-01-02",), ("2026-01-03",), ("2026-01-04",))}
     assert all(len(r["curve"]) == 1 and r["train_examples"] > 0 for r in rows)
+    # the progressive curve: after the one training day, its next day (the validation day), with counts
+    label = next(iter(rows[0]["metrics"]))
+    assert rows[0]["curve"][0]["next_day"]["day"] == "2026-01-03"
+    assert set(rows[0]["curve"][0]["next_day"][label]) == set(lift.NEXT_DAY_METRICS)
+    assert rows[0]["curve"][0]["next_day"][label]["roc_auc"] == rows[0]["curve"][0]["validation"][label]
     assert rows[0]["coverage"] is None and 0.5 < rows[2]["coverage"]["test"]["ctr_user"] <= 1.0
     width = {r["projection_dim"]: r["input_width"] for r in rows if r["table"] == "appendix_d"}
     # the MoE's input width F grows by 4 x the projection width (none: 4 x (64 + 1) unprojected)
@@ -187,7 +208,7 @@ def test_smoke_run_on_the_tiny_world_resumes_and_reports(tiny_world_4, tmp_path)
                    cwd=REPO, check=True, capture_output=True, timeout=300)
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "### Appendix D.1" in text and "| none | 260 |" in text  # 4 x (64 + 1) unprojected
-    assert "### Learning curve" in text
+    assert "### Learning curve" in text and "### Next-day ROC-AUC" in text
     assert (tmp_path / "rep" / "synthetic-tiny-world-projection.png").stat().st_size > 10_000
 
     days = sorted(p.name[4:] for p in (tiny_world_4 / "ctr").glob("day=*"))

@@ -83,12 +83,12 @@ class DownstreamTrainer(Trainer):
             log.info("day %s DERM coverage of trained rows: %s", day, _format_coverage(stats["coverage"]))
         return stats
 
-    def evaluate(self, day):
+    def evaluate(self, day, tag: str = "eval"):
         """:meth:`Trainer.evaluate`; the share of evaluated rows that found each embedding is
         kept for :meth:`eval_extras`."""
         if self.join is not None:
             self.join.reset_counts()
-        metrics = super().evaluate(day)
+        metrics = super().evaluate(day, tag)
         if self.join is not None:
             self.eval_coverage = self._coverage()
             log.info("eval %s DERM coverage of evaluated rows: %s", day, _format_coverage(self.eval_coverage))

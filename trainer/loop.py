@@ -239,9 +239,10 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, day: str | list[str]) -> dict[str, dict[str, float]]:
+    def evaluate(self, day: str | list[str], tag: str = "eval") -> dict[str, dict[str, float]]:
         """Metrics per task on ``day`` (or on several days together), over every rank's rows (same
-        on every rank)."""
+        on every rank); TensorBoard gets them under ``tag/`` (an experiment that evaluates other
+        days at the same step keeps them apart)."""
         days = [day] if isinstance(day, str) else list(day)
         loader = make_loader(self.root, self.source, self.config.data.eval_batch_size, days=days,
                              rank=self.ctx.rank, world_size=self.ctx.world_size, spec=self.spec)
@@ -281,7 +282,7 @@ class Trainer:
             metrics[label] = m
             if self.writer is not None:
                 for k in ("roc_auc", "pr_auc", "ne", "calibration"):
-                    self.writer.add_scalar(f"eval/{label}_{k}", m[k], self.global_step)
+                    self.writer.add_scalar(f"{tag}/{label}_{k}", m[k], self.global_step)
         if entities:
             emb = {k: gather(entities[k], entities[k][0].shape[1]) for k in ("user", "pin")}
             ids = {k: gather(entities[k], 1).flatten() for k in ("user_id", "pin_id", "contrastive", "temperature", "ln_rows")}
@@ -294,7 +295,7 @@ class Trainer:
             if self.writer is not None:
                 for k, v in quality.items():
                     if isinstance(v, (int, float)):
-                        self.writer.add_scalar(f"eval/embedding_{k}", v, self.global_step)
+                        self.writer.add_scalar(f"{tag}/embedding_{k}", v, self.global_step)
         self.model.train()
         return metrics
 
