@@ -20,8 +20,9 @@ daily pipeline, :mod:`pipeline.driver`, runs the same steps as TorchX jobs):
    incrementally, one pass a day, over the downstream training days — a row of day d reads the
    versions of day d − 1 — and is evaluated after each on the validation days (the learning curve)
    and on the next day, before training on it (progressive validation: where the world drifts,
-   its gap to the oracle shows convergence), then on the test days. It trains once per value of the protocol's tuning grid; the validation
-   days pick one, the test days report it. The baseline is the same model without DERM embeddings,
+   its gap to the oracle shows convergence), then on the test days. It trains once per pair of
+   the protocol's tuning grid (dense and sparse learning rates); the validation days pick one,
+   the test days report it. The baseline is the same model without DERM embeddings,
    with the same seed, data, steps and grid.
 
 Results go to ``OUT/results.jsonl`` (one line per cell, every tuning run inside it; a re-run skips
@@ -350,7 +351,7 @@ class Experiment:
 
     # ---- 3: downstream cells ------------------------------------------------------------------
     def run_cell(self, cell: Cell) -> dict:
-        """Trains the cell once per value of the protocol's tuning grid; the validation days pick
+        """Trains the cell once per pair of the protocol's tuning grid; the validation days pick
         one, whose test-day metrics are the cell's (``metrics``). Every run is kept in ``tuning``."""
         runs = [self._train_cell(cell, dense_lr, sparse_lr) for dense_lr, sparse_lr in self.protocol.grid]
         label = next(iter(runs[0]["validation"]))
