@@ -311,9 +311,9 @@ def _curve(ds: Dataset) -> list[str]:
     lines = ["### Learning curve: validation ROC-AUC after each downstream training day", "",
              "Mean ± std over seeds, on the validation days (never the test day).", "",
              "| after day | " + " | ".join(n for n, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    points = [_curve_points(rs, lambda p, label=ds.label[rs[0]["kind"]]: p["validation"][label]) for _, rs in cols]
     for i, day in enumerate(p["day"] for p in cols[0][1][0]["curve"]):
-        cells = [_abs(_curve_points(rs, lambda p, label=ds.label[rs[0]["kind"]]: p["validation"][label])[i]) for _, rs in cols]
-        lines.append(f"| {day} | " + " | ".join(cells) + " |")
+        lines.append(f"| {day} | " + " | ".join(_abs(col[i]) for col in points) + " |")
     return lines + [""] + _next_day(ds)
 
 
@@ -322,10 +322,14 @@ def _curve_points(rs: list[dict], get) -> list[list[float]]:
     return [[get(r["curve"][i]) for r in rs if len(r["curve"]) > i] for i in range(len(rs[0]["curve"]))]
 
 
+def _has_next_day(r: dict) -> bool:
+    """Whether a row has the next-day (progressive) evaluation (rows made before it have none)."""
+    return all("next_day" in p for p in r["curve"])
+
+
 def _next_day_series(ds: Dataset) -> list[tuple[str, list[dict]]]:
-    """The curve series whose rows have the next-day (progressive) evaluation (rows made before it
-    have none)."""
-    return [(n, rs) for n, rs in _curve_series(ds) if all("next_day" in p for r in rs for p in r["curve"])]
+    """The curve series whose rows all have the next-day evaluation."""
+    return [(n, rs) for n, rs in _curve_series(ds) if all(map(_has_next_day, rs))]
 
 
 def _next_days(ds: Dataset, r: dict) -> dict[str, dict]:
@@ -340,6 +344,18 @@ def _next_days(ds: Dataset, r: dict) -> dict[str, dict]:
     return out
 
 
+def _next_day_points(ds: Dataset, rs: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """Per point of the first row's curve: the point, and the metrics of its next day in every
+    seed's row that kept that day (:func:`_next_days`)."""
+    rows = [_next_days(ds, r) for r in rs]
+    return [(p, [days[p["next_day"]["day"]] for days in rows if p["next_day"]["day"] in days]) for p in rs[0]["curve"]]
+
+
+def _gaps(metrics: list[dict]) -> list[float]:
+    """The oracle's ROC-AUC minus the model's, where the oracle's is known."""
+    return [m["oracle_roc_auc"] - m["roc_auc"] for m in metrics if m.get("oracle_roc_auc") is not None]
+
+
 def _next_day(ds: Dataset) -> list[str]:
     """The day after each training day, evaluated before training on it, and its gap to the
     oracle: on a drifting world the fixed validation day favours the days nearest to it, so this
@@ -347,21 +363,20 @@ def _next_day(ds: Dataset) -> list[str]:
     cols = _next_day_series(ds)
     if not cols:
         return []
-    by_day = [(name, [_next_days(ds, r) for r in rs]) for name, rs in cols]
-    oracle = any(m.get("oracle_roc_auc") is not None for _, rows in by_day for days in rows for m in days.values())
+    points = [_next_day_points(ds, rs) for _, rs in cols]
+    oracle = any(_gaps(metrics) for col in points for _, metrics in col)
     lines = ["### Next-day ROC-AUC, before training on that day (progressive validation)", "",
              "Mean ± std over seeds" + ("; after it, the gap: the oracle's ROC-AUC on that day minus the model's. A model has "
                                         "converged when its gap stops shrinking." if oracle else
                                         ". A model has converged when its next-day ROC-AUC stops rising.")
              + " A day with too few positives is left out.", "",
              "| evaluated day | " + " | ".join(n for n, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for day in [p["next_day"]["day"] for p in cols[0][1][0]["curve"]]:
+    for i, (p, _) in enumerate(points[0]):
         cells = []
-        for _, rows in by_day:
-            metrics = [days[day] for days in rows if day in days]
-            gaps = [m["oracle_roc_auc"] - m["roc_auc"] for m in metrics if m.get("oracle_roc_auc") is not None]
+        for col in points:
+            metrics, gaps = col[i][1], _gaps(col[i][1])
             cells.append(_abs([m["roc_auc"] for m in metrics]) + (f"; gap {statistics.mean(gaps):.4f}" if gaps else ""))
-        lines.append(f"| {day} | " + " | ".join(cells) + " |")
+        lines.append(f"| {p['next_day']['day']} | " + " | ".join(cells) + " |")
     return lines + [""] + _next_day_lifts(ds, cols)
 
 
@@ -378,7 +393,7 @@ def _next_day_lifts(ds: Dataset, cols: list[tuple[str, list[dict]]]) -> list[str
         per_seed, days = [], set()
         for r in rs:
             base = ds.baseline_of(r)
-            if base is None or not all("next_day" in p for p in base["curve"]):
+            if base is None or not _has_next_day(base):
                 continue
             curve = [p["next_day"]["day"] for p in r["curve"] if p["next_day"]["day"] not in r["validation_days"]]
             mine, theirs = _next_days(ds, r), _next_days(ds, base)
@@ -559,13 +574,11 @@ def _curve_plot(ds: Dataset, out: Path, plt) -> None:
         for name, rs in progressive:
             if rs[0]["kind"] != kind:
                 continue
-            rows = [_next_days(ds, r) for r in rs]
-            gap = any(m.get("oracle_roc_auc") is not None for days in rows for m in days.values())
+            points = _next_day_points(ds, rs)
+            gap = any(_gaps(metrics) for _, metrics in points)
             xs, ms = [], []
-            for p in rs[0]["curve"]:
-                metrics = [days[p["next_day"]["day"]] for days in rows if p["next_day"]["day"] in days]
-                values = [m["oracle_roc_auc"] - m["roc_auc"] if gap else m["roc_auc"] for m in metrics
-                          if not gap or m.get("oracle_roc_auc") is not None]
+            for p, metrics in points:
+                values = _gaps(metrics) if gap else [m["roc_auc"] for m in metrics]
                 if values:
                     xs.append(p["examples"])
                     ms.append(mean_std(values))
