@@ -45,3 +45,36 @@ def in_repo(monkeypatch):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 5 MiB tmpfs of its own: a real full disk (ENOSPC from the kernel, wherever the
+    write happens). Needs root (``mount``), as here and in CI; elsewhere the test skips, except
+    under CI, where a skip would hide the check."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount a small tmpfs (not root?): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(folder, leave: int = 0) -> None:
+    """Fills the file system of ``folder`` up to ``leave`` bytes free (a file ``folder/.filler``)."""
+    import os
+
+    stat = os.statvfs(folder)
+    with open(os.path.join(folder, ".filler"), "wb") as f:
+        try:
+            f.write(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+        except OSError:
+            pass
