@@ -21,7 +21,17 @@ Usage::
 
 A failure anywhere (bad file, store error, index build) leaves the active version as it was and
 removes what this publish wrote, so it can be re-run under the same version name. Bad input exits
-with status 2 and a one-line error.
+with status 2 and a one-line error; a full disk (or any OS error) exits with status 1 and one line
+naming the store or index folder.
+
+A publish *killed* between its commit and its activation (``kill -9``, a lost node: nothing can
+clean up) leaves the version committed and not active. Its re-run, under the same name and pool,
+completes it: the committed rows are checked against the pool (nothing is written again), a
+missing ANN index is built, and the version is activated, unless a version committed after it is
+active by then (a re-run must not take serving back to an older version: it says so, and how to
+activate it by hand). A committed version with other rows than the pool's is refused: versions are
+immutable. Caveat: the store keeps no record of rollbacks, so the re-run of a finished publish
+whose version was rolled back since (and nothing newer activated) activates it again.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.files import os_error_line
 from embeddings.embedded_store import EmbeddedStore
 from embeddings.store import FeatureStore, check_version_name
 
@@ -62,7 +73,34 @@ class PublishReport:
     active: bool
     """Whether the version was activated."""
     ann_path: Path | None
-    """The ANN index directory, when one was built."""
+    """The ANN index directory, when one was built (or found)."""
+    resumed: bool = False
+    """The version was committed already (a publish killed after its commit, or a re-run of a
+    finished one): its rows were checked against the pool, and only what was missing was done."""
+    served_instead: str | None = None
+    """When activation was asked for but a version committed after this one is active: that version,
+    left active."""
+
+
+def on_commit(version: str) -> None:
+    """Runs between a version's commit and the rest of its publish (index, activation) and does
+    nothing: the seam at which tests kill a publish (``os._exit``), as ``kill -9`` would."""
+
+
+@contextlib.contextmanager
+def _naming(path: str | Path) -> Iterator[None]:
+    """Names ``path`` in an ``OSError`` that names no file: a buffered write that finds the disk full
+    raises ENOSPC without one, and the one line the CLI prints must say where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def _location(store: FeatureStore) -> str:
+    return str(store.root) if isinstance(store, EmbeddedStore) else repr(store)
 
 
 def bucket_files(pool_day_dir: str | Path) -> list[Path]:
@@ -127,12 +165,14 @@ def publish(
 
     Order: read + write in batches -> commit -> ANN index (if ``ann_dir``) -> activate. Until the
     last step serving is untouched; if any step fails, the committed version and the index are
-    removed again and the active version stays as it was.
+    removed again and the active version stays as it was. A ``version`` committed already (its
+    publish was killed after the commit) is completed instead: see the module docstring.
 
     Args:
         pool_day_dir: ``POOL/<source>/<entity>/day=D`` (all its ``bucket=*.parquet`` files).
         store: the feature store of this source and entity.
-        version: the new version's name (e.g. ``ctr-pin-2026-01-03``); must not exist.
+        version: the new version's name (e.g. ``ctr-pin-2026-01-03``); committed already only by a
+            killed publish of this pool.
         activate: make it the active version at the end.
         ann_dir: build a FAISS index into ``ann_dir/version`` (Pin pools only).
         ann_config: index settings (`embeddings.ann.AnnConfig`).
@@ -150,26 +190,27 @@ def publish(
         if Path(pool_day_dir).parent.name == "user":
             raise ValueError(f"{pool_day_dir} is a user pool; ANN indexes are built for Pin pools (drop --ann-dir)")
         ann_path = Path(ann_dir) / version
-        if ann_path.exists():
-            raise ValueError(f"ANN index {ann_path} already exists")
+    if version in store.versions():
+        return _complete(pool_day_dir, files, dim, rows, store, version, activate, ann_path, ann_config, batch_rows, t0)
+    if ann_path is not None and ann_path.exists():
+        raise ValueError(f"ANN index {ann_path} already exists")
     ann_ids: list[np.ndarray] = []
     ann_emb: list[np.ndarray] = []
-    with store.begin_version(version, dim) as writer:
+    with _naming(_location(store)), store.begin_version(version, dim) as writer:
         for ids, emb in read_pool(files, dim, batch_rows):
             writer.put(ids, emb)
             if ann_path is not None:
                 ann_ids.append(ids)
                 ann_emb.append(emb)
         info = writer.commit()
+    on_commit(version)
     try:
         if ann_path is not None:
-            from embeddings.ann import AnnIndex
-
-            index = AnnIndex.build(np.concatenate(ann_ids), np.concatenate(ann_emb), ann_config)
+            _build_index(ann_path, ann_ids, ann_emb, ann_config)
             del ann_ids, ann_emb
-            index.save(ann_path)
         if activate:
-            store.activate(version)
+            with _naming(_location(store)):
+                store.activate(version)
     except BaseException:
         # A retry must find neither the version nor its index (names are never reused otherwise).
         if ann_path is not None:
@@ -181,6 +222,50 @@ def publish(
     active = " (active)" if activate else ""
     log.info("published %s: %d rows x %d dims in %.1f s%s", version, info.count, dim, seconds, active)
     return PublishReport(version, info.count, dim, seconds, activate, ann_path)
+
+
+def _build_index(ann_path: Path, ids: list[np.ndarray], emb: list[np.ndarray], config: AnnConfig | None) -> None:
+    from embeddings.ann import AnnIndex
+
+    index = AnnIndex.build(np.concatenate(ids), np.concatenate(emb), config)
+    with _naming(ann_path):
+        index.save(ann_path)
+
+
+def _complete(pool_day_dir: str | Path, files: Sequence[Path], dim: int, rows: int, store: FeatureStore, version: str,
+              activate: bool, ann_path: Path | None, ann_config: AnnConfig | None, batch_rows: int,
+              t0: float) -> PublishReport:
+    """The publish of a ``version`` that is committed already (module docstring): its rows must
+    be the pool's; a missing index is built; it is activated unless a version committed after it is
+    active. Nothing is removed on failure: this publish committed nothing."""
+    info = store.version_info(version)
+    other = (f"duplicate version {version!r}: it is committed with other rows than {pool_day_dir}; "
+             "versions are immutable: publish under a new name")
+    if (info.count, info.dim) != (rows, dim):
+        raise ValueError(f"{other} ({info.count:,} x {info.dim} committed, {rows:,} x {dim} in the pool)")
+    build = ann_path is not None and not ann_path.exists()
+    ann_ids: list[np.ndarray] = []
+    ann_emb: list[np.ndarray] = []
+    for ids, emb in read_pool(files, dim, batch_rows):
+        got, found = store.get(ids, version=version)
+        differs = ~found | (got != emb).any(axis=1)
+        if differs.any():
+            raise ValueError(f"{other} (e.g. entity {int(ids[differs][0])})")
+        if build:
+            ann_ids.append(ids)
+            ann_emb.append(emb)
+    if build:
+        _build_index(ann_path, ann_ids, ann_emb, ann_config)
+    versions, active = store.versions(), store.active_version()
+    later = active if active in versions[versions.index(version) + 1:] else None
+    if activate and later is None:
+        with _naming(_location(store)):
+            store.activate(version)
+    seconds = time.perf_counter() - t0
+    state = "active" if activate and later is None else f"not activated over {later}" if activate else "not active"
+    log.info("%s was committed already with the pool's %d rows (%s); completed in %.1f s", version, rows, state, seconds)
+    return PublishReport(version, info.count, dim, seconds, activate and later is None, ann_path, resumed=True,
+                         served_instead=later if activate else None)
 
 
 def open_store(store_dir: str | None, redis_url: str | None, namespace: str) -> FeatureStore:
@@ -204,6 +289,21 @@ def _format_versions(store: FeatureStore) -> str:
 
 def _pruned(deleted: list[str]) -> str:
     return f"pruned {len(deleted)} version(s): {', '.join(deleted)}" if deleted else "pruned nothing"
+
+
+def _published(report: PublishReport, args: argparse.Namespace) -> str:
+    """The CLI's line for a publish (or the completion of a killed one)."""
+    state = "active" if report.active else "committed, not active"
+    ann = f"; ANN index {report.ann_path}" if report.ann_path else ""
+    size = f"{report.rows:,} rows x {report.dim} dims"
+    if not report.resumed:
+        return f"published {report.version}: {size} in {report.seconds:.1f} s ({state}){ann}"
+    line = f"{report.version} was committed already with the pool's {size}: completed in {report.seconds:.1f} s ({state}){ann}"
+    if report.served_instead is not None:
+        where = f"--store {args.store}" if args.store else f"--redis {args.redis} --namespace {args.namespace}"
+        line += (f"; not activated over {report.served_instead}, committed after it (to serve it: "
+                 f"python -m embeddings.publish {where} --activate {report.version})")
+    return line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -256,15 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = publish(
                 args.pool, store, args.version, not args.no_activate, args.ann_dir, batch_rows=args.batch_rows
             )
-            state = "active" if report.active else "committed, not active"
-            ann = f"; ANN index {report.ann_path}" if report.ann_path else ""
-            size = f"{report.rows:,} rows x {report.dim} dims"
-            print(f"published {report.version}: {size} in {report.seconds:.1f} s ({state}){ann}")
+            print(_published(report, args))
             if args.keep is not None:
                 print(_pruned(store.prune(args.keep)))
     except (ValueError, FileNotFoundError, pa.ArrowInvalid) as e:
         print(f"publish: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, a vanished mount: one line naming the path
+        print(f"publish: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     except Exception as e:  # a store or disk failure: still one line, with its kind
         print(f"publish: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
