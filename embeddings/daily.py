@@ -5,7 +5,14 @@ versions (issue 11; :mod:`embeddings.version_quality`). The daily pipeline (:mod
 this as one job per upstream model and day.
 
 Every part is skipped when its output is already complete, so a re-run after a failure picks up
-where it stopped, and a re-run of a finished day does nothing::
+where it stopped, and a re-run of a finished day does nothing. A day is done when its quality
+report is written, last: after both versions are committed *and served*, each either active or
+left behind a later day's version that is active (a re-run of an old day never takes serving
+back). Both versions are committed (and the Pins' index built) before either is activated, so
+serving pairs two days' versions only between the two activations. A version committed by a job
+killed before its activation is completed by the re-run (``embeddings.publish``: its rows are
+checked against the pool, then it is activated). Inference is skipped when both pools of the day
+are complete::
 
     WORK/emb/<source>/<entity>/day=D/          daily embeddings (embeddings/infer.py)
     WORK/pool/<source>/<entity>/day=D/         pool snapshots (embeddings/aggregate.py)
@@ -28,9 +35,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script (torchrun embeddings/daily.py): import from the repo root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+if TYPE_CHECKING:
+    from embeddings.store import FeatureStore
 
 log = logging.getLogger("derm.embeddings.daily")
 ENTITIES = ("user", "pin")
@@ -50,16 +61,42 @@ def ann_dir(work: Path, source: str, day: str) -> Path:
     return Path(work) / "ann" / version_name(source, "pin", day)
 
 
-def is_published(work: Path, source: str, day: str, ann: bool = False) -> bool:
-    """True when both the user and the Pin versions of ``day`` are in the store and, with ``ann``,
-    the Pin version's index is built (the day is done)."""
-    from embeddings.embedded_store import EmbeddedStore
+def serve(store: FeatureStore, source: str, entity: str, day: str) -> bool:
+    """Activates the version of ``day`` unless the store serves a later day's version already (the
+    re-run of an old day must not take serving back to it); returns whether the day's version is
+    active. Days are compared by the version names (:func:`version_name`); an active version the
+    lifecycle did not name counts as older."""
+    version, prefix = version_name(source, entity, day), version_name(source, entity, "")
+    active = store.active_version()
+    if active is not None and active.startswith(prefix) and active[len(prefix):] > day:
+        log.info("%s stays active (a later day's version); %s is committed, not activated", active, version)
+        return False
+    store.activate(version)
+    return True
 
+
+def publish_day(work: Path, source: str, day: str, method: str, alpha: float | None, ann: bool) -> dict:
+    """Aggregates the day's user and Pin pools (where not complete), commits both versions (the
+    Pins' with an index, with ``ann``), then serves both (:func:`serve`). A version committed
+    already is completed, not written again (``embeddings.publish.publish``)."""
+    from embeddings.aggregate import aggregate_day
+    from embeddings.embedded_store import EmbeddedStore
+    from embeddings.pool import snapshot_dir
+    from embeddings.publish import publish
+
+    report = {}
+    stores = {entity: EmbeddedStore(store_dir(work, source, entity)) for entity in ENTITIES}
     for entity in ENTITIES:
-        path = store_dir(work, source, entity)
-        if not path.exists() or version_name(source, entity, day) not in EmbeddedStore(path).versions():
-            return False
-    return not ann or ann_dir(work, source, day).is_dir()
+        pool_day = snapshot_dir(work / "pool", source, entity, day)
+        if not (pool_day / "_SUCCESS").is_file():
+            aggregate_day(work / "emb", work / "pool", source, entity, day, method, alpha)
+        version = version_name(source, entity, day)
+        index_root = work / "ann" if ann and entity == "pin" else None
+        published = publish(pool_day, stores[entity], version, activate=False, ann_dir=index_root)
+        report[entity] = {"version": version, "rows": published.rows, "committed_now": not published.resumed}
+    for entity in ENTITIES:
+        report[entity]["active"] = serve(stores[entity], source, entity, day)
+    return report
 
 
 def prune(work: Path, source: str, keep: int) -> list[str]:
@@ -81,17 +118,15 @@ def prune(work: Path, source: str, keep: int) -> list[str]:
 
 def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha: float | None, ann: bool,
             batch_size: int, device: str, keep_versions: int = 0) -> dict:
-    """The lifecycle of ``day`` for the snapshot's source (collective for inference). The day is
-    done once its quality report is written (last); ``keep_versions`` > 0 then prunes each store to
-    that many newest versions (never the active one or the rollback target) and drops the ANN
-    indexes of pruned Pin versions."""
+    """The lifecycle of ``day`` for the snapshot's source (collective for inference, which runs
+    only while a pool of the day is not complete). The day is done once its quality report is
+    written (last, after :func:`publish_day`); ``keep_versions`` > 0 then prunes each store to that
+    many newest versions (never the active one or the rollback target) and drops the ANN indexes of
+    pruned Pin versions. ``skipped`` in the report: nothing was inferred or committed."""
     import torch.distributed as dist
 
-    from embeddings.aggregate import aggregate_day
-    from embeddings.embedded_store import EmbeddedStore
     from embeddings.infer import Embedder, infer_day
     from embeddings.pool import snapshot_dir
-    from embeddings.publish import publish
     from embeddings.version_quality import quality_path, write_quality
     from sharding.checkpoint import read_meta
     from sharding.distributed import init_distributed, shutdown
@@ -100,43 +135,31 @@ def run_day(snapshot: Path, data: Path, day: str, work: Path, method: str, alpha
     if quality_path(work, source, day).is_file():  # written last: the day is done (its versions may be pruned since)
         log.info("%s %s: already published; nothing to do", source, day)
         return {"source": source, "day": day, "skipped": True}
-    if is_published(work, source, day, ann):
-        if quality_path(work, source, day).is_file():
-            log.info("%s %s: already published; nothing to do", source, day)
-        elif os.environ.get("RANK", "0") == "0":  # killed between the publish and its report: only the report is left
-            write_quality(work, data, source, day)
-        return {"source": source, "day": day, "skipped": True}
-    ctx = init_distributed(device)
+    pools_done = all((snapshot_dir(work / "pool", source, e, day) / "_SUCCESS").is_file() for e in ENTITIES)
+    ctx = None if pools_done else init_distributed(device)
     try:
-        t0 = time.perf_counter()
-        embedder = Embedder.load(snapshot, data, ctx.device)
-        # Recomputed even if a part exists: a crash may have left it from fewer ranks.
-        counts = infer_day(embedder, day, work / "emb", batch_size, overwrite=True)
-        dist.barrier()
-        log.info("%s %s: inferred %d users, %d Pins on this rank in %.1f s", source, day, counts["user"], counts["pin"],
-                 time.perf_counter() - t0)
-        report = {"source": source, "day": day, "skipped": False, "embedded": counts}
-        if ctx.is_main:
-            for entity in ENTITIES:
-                pool_day = snapshot_dir(work / "pool", source, entity, day)
-                if not (pool_day / "_SUCCESS").is_file():
-                    aggregate_day(work / "emb", work / "pool", source, entity, day, method, alpha)
-                store = EmbeddedStore(store_dir(work, source, entity))
-                version = version_name(source, entity, day)
-                build_ann = ann and entity == "pin"
-                if version in store.versions() and build_ann and not ann_dir(work, source, day).is_dir():
-                    # Killed between the version's commit and its index: publish both again.
-                    store.delete_version(version)
-                if version not in store.versions():
-                    published = publish(pool_day, store, version, activate=True, ann_dir=work / "ann" if build_ann else None)
-                    report[entity] = {"version": version, "rows": published.rows}
+        report = {"source": source, "day": day, "skipped": pools_done}
+        if ctx is not None:
+            t0 = time.perf_counter()
+            embedder = Embedder.load(snapshot, data, ctx.device)
+            # Recomputed even if a part exists: a crash may have left it from fewer ranks.
+            counts = infer_day(embedder, day, work / "emb", batch_size, overwrite=True)
+            dist.barrier()
+            log.info("%s %s: inferred %d users, %d Pins on this rank in %.1f s", source, day, counts["user"],
+                     counts["pin"], time.perf_counter() - t0)
+            report["embedded"] = counts
+        if ctx.is_main if ctx is not None else os.environ.get("RANK", "0") == "0":
+            report.update(publish_day(work, source, day, method, alpha, ann))
+            report["skipped"] = pools_done and not any(report[e]["committed_now"] for e in ENTITIES)
             write_quality(work, data, source, day)
             if keep_versions:
                 report["pruned"] = prune(work, source, keep_versions)
-        dist.barrier()
+        if ctx is not None:
+            dist.barrier()
         return report
     finally:
-        shutdown()
+        if ctx is not None:
+            shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
