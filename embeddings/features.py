@@ -12,6 +12,22 @@ downstream models expect (``modules.downstream_config.missing_key``)::
     derm = join(batch)     # {"ctr_user": [B, E], "ctr_user_missing": [B, 1], "ctr_pin": ..., ...}
     loss, out = downstream_task(batch, derm)
 
+Only what the store serves is joined, so a rollback reaches the downstream models. A store
+serves its active version; a version of a *later day* than the active one is one that a rollback
+moved serving away from, or one never activated (a publish killed before its activation, a
+canary committed with ``--no-activate``). Rows that would read such a version read the active
+version instead, as serving did while it was active (its day is earlier: no leakage), with one
+warning naming both. Versions of the active one's day or earlier are read by name: those it
+superseded. A store with no active version (versions written for an experiment) serves every
+version. Days are compared by the names (``version_pattern``); an active version the pattern does
+not name is refused, since it tells nothing of the others. Versions are resolved once per
+training day or evaluation (:meth:`DERMFeatureJoin.reset_counts`), so a rollback reaches the next
+one, and never in the middle of a day.
+
+Limit: the store records no rollbacks (``embeddings.store``), so once a later day's version is
+activated, a version rolled back before it is older than the active one and is joined again.
+Delete a rolled-back version (``FeatureStore.delete_version``) to keep it out for good.
+
 Back-inferred versions (Appendix B.3) are a configuration of the same join: their own naming
 pattern, and ``lag_days=0`` if that is what an experiment asks for.
 """
@@ -68,14 +84,16 @@ class DERMFeatureJoin:
             raise ValueError(f"DERM source names must be unique, got {names}")
         self.sources, self.lag_days = sources, lag_days
         self._warned: set[str] = set()
-        self._found: set[tuple[str, str]] = set()  # committed versions never change: look each up once
+        self._read: dict[tuple[str, str], str] = {}  # (source, wanted version) -> the version read, until reset_counts
         self.rows = 0
         """Rows joined since the last :meth:`reset_counts`."""
         self.found = {s.name: 0 for s in sources}
         """Of those, per embedding, the rows whose entity had a version to read."""
 
     def reset_counts(self) -> None:
-        """Starts counting coverage afresh (e.g. at the start of a training day or an evaluation)."""
+        """Starts counting coverage afresh, and resolves the versions to read afresh (e.g. at the
+        start of a training day or an evaluation: a rollback since then reaches the rows from here)."""
+        self._read.clear()
         self.rows = 0
         self.found = dict.fromkeys(self.found, 0)
 
@@ -85,17 +103,39 @@ class DERMFeatureJoin:
         return {name: n / self.rows if self.rows else float("nan") for name, n in self.found.items()}
 
     def version(self, source: DERMSource, day: dt.date) -> str | None:
-        """The version a row of ``day`` reads, or None if it was never published."""
-        name = source.version_pattern.format(day=(day - dt.timedelta(days=self.lag_days)).isoformat())
-        if (source.name, name) in self._found:
+        """The version a row of ``day`` reads: the one published for day − ``lag_days`` if the store
+        serves it, else the active one (module docstring); None if none was published for that day."""
+        wanted_day = day - dt.timedelta(days=self.lag_days)
+        name = source.version_pattern.format(day=wanted_day.isoformat())
+        if (source.name, name) in self._read:
+            return self._read[(source.name, name)]
+        if name not in source.store.versions():
+            if name not in self._warned:  # e.g. the first day of a window: nothing published before it
+                log.warning("DERM feature %s: no version %s; rows of %s get it as missing", source.name, name, day)
+                self._warned.add(name)
+            return None
+        read = self._served(source, name, wanted_day, day)
+        self._read[(source.name, name)] = read
+        return read
+
+    def _served(self, source: DERMSource, name: str, wanted_day: dt.date, day: dt.date) -> str:
+        """``name`` if the store serves it (it is active, of the active version's day or earlier,
+        or nothing is active), else the active version."""
+        active = source.store.active_version()
+        if active is None or active == name:
             return name
-        if name in source.store.versions():
-            self._found.add((source.name, name))
+        active_day = _day_in(source.version_pattern, active)
+        if active_day is None:
+            raise ValueError(f"DERM feature {source.name}: the active version {active!r} of {source.store!r} is not "
+                             f"named by derm.version_pattern {source.version_pattern!r}, so which of its versions "
+                             "serving read cannot be told; activate one the pattern names")
+        if wanted_day <= active_day:
             return name
-        if name not in self._warned:  # e.g. the first day of a window: nothing published before it
-            log.warning("DERM feature %s: no version %s; rows of %s get it as missing", source.name, name, day)
-            self._warned.add(name)
-        return None
+        if f"{name}>{active}" not in self._warned:
+            log.warning("DERM feature %s: %r serves %s, not %s (rolled back from it, or it was never activated): "
+                        "rows of %s read %s, as serving did", source.name, source.store, active, name, day, active)
+            self._warned.add(f"{name}>{active}")
+        return active
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         days = (batch.event_time // SECONDS_PER_DAY).numpy()  # epoch days, per row
@@ -127,3 +167,14 @@ class DERMFeatureJoin:
         if not versions:
             raise ValueError(f"DERM feature {source.name}: its store {source.store!r} has no versions at all; publish one first")
         return int(source.store.version_info(versions[-1]).dim)
+
+
+def _day_in(pattern: str, version: str) -> dt.date | None:
+    """The day that ``pattern`` (``...{day}...``) puts into ``version``, or None if it names no day."""
+    prefix, _, suffix = pattern.partition("{day}")
+    if not (version.startswith(prefix) and version.endswith(suffix) and len(version) > len(prefix) + len(suffix)):
+        return None
+    try:
+        return dt.date.fromisoformat(version[len(prefix):len(version) - len(suffix)])
+    except ValueError:
+        return None
