@@ -64,15 +64,22 @@ def swap_dir(stage: str | os.PathLike, target: str | os.PathLike) -> None:
 @contextmanager
 def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yields an empty folder beside ``out`` to fill; when the block ends without an error it
-    becomes ``out`` (:func:`swap_dir`), otherwise it is removed and ``out`` is as it was."""
+    becomes ``out`` (:func:`swap_dir`), otherwise it is removed and ``out`` is as it was. The
+    staging folder is claimed (:func:`claim`) while it is filled, so the next ``staged_dir`` of
+    ``out`` removes the staging of a killed writer; its ``.owner`` is gone before the swap."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_folders(out.parent, f".{out.name}.staging-*")
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    owner = claim(stage)
     try:
         yield stage
+        (stage / OWNER).unlink()
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        owner.close()
     swap_dir(stage, out)
 
 

@@ -1,6 +1,7 @@
 """Your own interaction log → the project's input contract (docs/your-data.md).
 
-One row per event of a raw log — CSV with a header, Parquet, or JSON lines — with a user key, an
+One row per event of a raw log — CSV with a header, Parquet, or JSON lines; one file, a folder of
+parts or a glob — with a user key, an
 item ("Pin") key, a time and the labels becomes one source of a dataset (``ROOT/spec.toml``,
 ``ROOT/<source>/day=YYYY-MM-DD/part-00000.parquet``) that every job of the project reads::
 
@@ -15,11 +16,12 @@ item ("Pin") key, a time and the labels becomes one source of a dataset (``ROOT/
 
 The steps, each a function of its own, in the order they run:
 
-1. :func:`read_batches` streams the file in record batches (memory bounded by the batch, not the
-   file), :func:`epoch_seconds` turns its time column into seconds since the epoch (``s``, ``ms``
-   or ISO 8601 strings, naive ones read in ``--tz``), and :func:`split_by_day` writes each batch's
-   rows into a scratch folder by their **UTC** day (the contract's day partitions; the loader
-   refuses anything else).
+1. :func:`input_files` lists the log's files; :func:`read_batches` streams each in record batches
+   (memory bounded by the batch, not the file); :func:`split_by_day` checks every batch — keys read
+   as exact text (:func:`key_text`), labels exactly 0/1 (:meth:`Label.evaluate`), times turned into
+   seconds since the epoch by :func:`epoch_seconds` (``s``, ``ms`` or ISO 8601 strings, naive ones
+   read in ``--tz``) and checked by :func:`check_times` — and writes its rows into a claimed scratch
+   folder by their **UTC** day (the contract's day partitions; the loader refuses anything else).
 2. Day by day, ascending, each day in time order (memory bounded by a day):
    - :class:`IdMap` maps raw keys to dense ids in order of first appearance; the maps are saved as
      ``ROOT/ids/{user,item}.parquet`` (raw key, id) to translate back;
@@ -35,19 +37,23 @@ The steps, each a function of its own, in the order they run:
 3. :func:`build_spec` writes the spec of what was written, and the dataset moves into place only
    when complete (``dataset_writer.staged_output``).
 
-Bad input is refused naming the file, the column and the problem (:class:`RawLogError`).
+Bad input is refused naming the file, the row, the column and the problem (:class:`RawLogError`),
+never rounded, parsed into another value or guessed; an OS error (a full disk) is one line naming
+the path. The scratch and staging folders of a killed conversion are removed by the next one.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import io
 import json
 import logging
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -59,6 +65,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from common.files import claim, os_error_line, remove_dead_folders
 from data.dataset_writer import staged_output, write_part
 from data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, Source, SparseFeature
 
@@ -99,42 +106,112 @@ class Label:
     def columns(self) -> list[str]:
         return [self.column] if self.column else []
 
-    def evaluate(self, table: pa.Table, where: str) -> np.ndarray:
-        """[N] int8 0/1 of this label on ``table``'s rows."""
+    def evaluate(self, table: pa.Table, where: Where) -> np.ndarray:
+        """[N] int8 0/1 of this label on ``table``'s rows. A 0/1 column must hold exactly 0 or 1:
+        integers, floats equal to 0.0 or 1.0, booleans, or the texts "0" and "1"; anything else
+        (0.9, "yes", an empty value) is refused naming the row, never rounded or guessed."""
         if self.column is None:
             return np.ones(table.num_rows, np.int8)
         col = table[self.column]
         if self.value is not None:
             return np.asarray(pc.fill_null(pc.equal(pc.cast(col, pa.string()), self.value), False), np.int8)
-        values = np.asarray(pc.fill_null(pc.cast(col, pa.int64(), safe=False), -1))
-        bad = np.flatnonzero((values != 0) & (values != 1))
-        if bad.size:
-            raise RawLogError(f"{where}: column {self.column!r} (label {self.name!r}) must be 0 or 1; "
-                              f"row {bad[0]} has {col[int(bad[0])].as_py()!r}")
-        return values.astype(np.int8)
+        what = f"column {self.column!r} (label {self.name!r})"
+        if pa.types.is_boolean(col.type):
+            ok, values = pc.is_valid(col), pc.cast(pc.fill_null(col, False), pa.int8())
+        elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            ok = pc.fill_null(pc.is_in(col, value_set=pa.array([0, 1], col.type)), False)
+            values = pc.cast(pc.if_else(ok, col, pa.scalar(0, col.type)), pa.int8())
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            ok = pc.fill_null(pc.is_in(col, value_set=pa.array(["0", "1"], col.type)), False)
+            values = pc.cast(pc.if_else(ok, col, "0"), pa.int8())
+        else:
+            raise RawLogError(f"{where}: {what} must be 0 or 1, but its type is {col.type}")
+        ok = np.asarray(ok)
+        if not ok.all():
+            row = int(np.flatnonzero(~ok)[0])
+            hint = f"; for a text label give --labels {self.name}={self.column}==VALUE" \
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else ""
+            raise RawLogError(f"{where.row(row)}: {what} must be 0 or 1; it has {col[row].as_py()!r}{hint}")
+        return np.asarray(values)
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a batch of rows came from, for error messages: the file and the batch's first row."""
+
+    path: Path
+    first_row: int = 0
+    day: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}" + (f" (day {self.day})" if self.day else "")
+
+    def row(self, i: int) -> str:
+        """``FILE row N`` (N counted from 1 over the data rows of the file: for CSV, line N + 1)."""
+        return f"{self.path} row {self.first_row + i + 1:,}"
 
 
 # ---- 1. reading and splitting by day ----------------------------------------------------------
 
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".csv.gz": "csv", ".tsv": "tsv", ".jsonl": "json",
+           ".json": "json", ".ndjson": "json"}
 
-def read_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
-    """The file's rows in tables of at most ``BATCH_ROWS``, only ``columns`` (refused when absent)."""
+
+def _format_of(path: Path) -> str | None:
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    return FORMATS.get(suffix.lower())
+
+
+def input_files(spec: str) -> list[Path]:
+    """The files of ``--input``: one file, a folder of parts (its data files, recursively, in name
+    order; names starting with ``_`` or ``.``, such as Spark's ``_SUCCESS`` and ``.crc`` files, are
+    not data), or a glob pattern (``logs/day=*/part-*.csv``)."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts))
+        where = f"{path}: a folder with"
+    elif any(c in spec for c in "*?["):
+        parts = path.parts
+        fixed = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+        anchor = Path(*parts[:fixed]) if fixed else Path(".")
+        files = sorted(p for p in anchor.glob(str(Path(*parts[fixed:]))) if p.is_file() and not p.name.startswith(("_", ".")))
+        where = f"{spec}: a pattern matching"
+    else:
+        raise RawLogError(f"{path}: no such file or folder")
+    if not files:
+        raise RawLogError(f"{where} no data files")
+    unknown = [p for p in files if _format_of(p) is None]
+    if unknown:
+        raise RawLogError(f"{unknown[0]}: unknown format; give .csv, .tsv, .parquet or .jsonl files ({where} {len(unknown)} such)")
+    return files
+
+
+def read_batches(path: Path, columns: Sequence[str], keys: Sequence[str] = ()) -> Iterator[pa.Table]:
+    """The file's rows in tables of at most ``BATCH_ROWS``, only ``columns`` (refused when absent).
+    CSV ``keys`` columns are read as raw bytes, never parsed as numbers (``007`` stays ``007``;
+    a 20-digit id stays exact)."""
+    fmt = _format_of(path)
     if not path.is_file():
         raise RawLogError(f"{path}: no such file")
     try:
-        if suffix in (".parquet", ".pq"):
+        if fmt == "parquet":
             pf = pq.ParquetFile(path)
             _require(pf.schema_arrow.names, columns, path)
             for rb in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
                 yield pa.Table.from_batches([rb])
-        elif suffix in (".csv", ".csv.gz", ".tsv"):
-            parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            reader = pacsv.open_csv(path, parse_options=parse, read_options=pacsv.ReadOptions(block_size=1 << 22))
-            _require(reader.schema.names, columns, path)
+        elif fmt in ("csv", "tsv"):
+            parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
+            convert = pacsv.ConvertOptions(column_types={k: pa.binary() for k in keys}, include_columns=list(columns))
+            header = pacsv.open_csv(path, parse_options=parse, read_options=pacsv.ReadOptions(block_size=1 << 16))
+            _require(header.schema.names, columns, path)
+            reader = pacsv.open_csv(path, parse_options=parse, convert_options=convert,
+                                    read_options=pacsv.ReadOptions(block_size=1 << 22))
             for rb in reader:
                 yield pa.Table.from_batches([rb]).select(list(columns))
-        elif suffix in (".jsonl", ".json", ".ndjson"):
+        elif fmt == "json":
             with open(path, "rb") as f:
                 while True:
                     lines = f.readlines(1 << 22)
@@ -144,8 +221,12 @@ def read_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
                     _require(table.column_names, columns, path)
                     yield table.select(list(columns))
         else:
-            raise RawLogError(f"{path}: unknown format {suffix!r}; give .csv, .tsv, .parquet or .jsonl")
-    except (pa.ArrowInvalid, OSError) as e:
+            raise RawLogError(f"{path}: unknown format {path.suffix!r}; give .csv, .tsv, .parquet or .jsonl")
+    except pa.ArrowInvalid as e:
+        raise RawLogError(f"{path}: unreadable ({e})") from None
+    except OSError as e:
+        if e.errno is not None:  # a real OS error (disk, permissions): the caller names the path
+            raise
         raise RawLogError(f"{path}: unreadable ({e})") from None
 
 
@@ -155,9 +236,44 @@ def _require(have: Sequence[str], want: Sequence[str], path: Path) -> None:
         raise RawLogError(f"{path}: missing column(s) {missing}; it has {list(have)}")
 
 
-def epoch_seconds(values: pa.ChunkedArray | pa.Array, unit: str, tz: str, where: str) -> np.ndarray:
+def key_text(values: pa.ChunkedArray | pa.Array, column: str, where: Where) -> pa.Array:
+    """A key column as exact text: strings as they are, bytes decoded as UTF-8, integers written
+    out. Keys are compared as text, so ``007`` and ``7`` stay two keys. Floating-point keys are
+    refused: a float cannot hold every id exactly (2^63 and 2^63 + 1 are one float64), so two users
+    would silently become one."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if values.null_count:
+        row = int(np.flatnonzero(np.asarray(pc.is_null(values)))[0])
+        raise RawLogError(f"{where.row(row)}: column {column!r} has an empty key ({values.null_count} in this batch)")
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return values.cast(pa.string())
+    if pa.types.is_integer(kind):
+        return pc.cast(values, pa.string())
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        try:
+            return pc.cast(values, pa.string())
+        except pa.ArrowInvalid:
+            row = next(i for i, b in enumerate(values.to_pylist()) if not _is_utf8(b))  # the error path only
+            raise RawLogError(f"{where.row(row)}: column {column!r} holds a key that is not UTF-8 text "
+                              f"({values[row].as_py()[:40]!r}); write the keys as UTF-8") from None
+    if pa.types.is_floating(kind):
+        raise RawLogError(f"{where}: column {column!r} holds keys as floating-point numbers ({kind}, e.g. {values[0].as_py()!r}), "
+                          "which cannot tell every id apart; write them as strings (JSON) or integers (Parquet)")
+    raise RawLogError(f"{where}: column {column!r} holds keys of type {kind}; keys must be strings or integers")
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def epoch_seconds(values: pa.ChunkedArray | pa.Array, unit: str, tz: str, where: Where | str) -> np.ndarray:
     """[N] int64 seconds since the epoch of a time column: numbers in ``s`` or ``ms``, or ISO 8601
-    strings (``iso``; strings without an offset are local times of ``tz``)."""
+    strings (``iso``; fractional seconds are floored; strings without an offset are local times of ``tz``)."""
     if values.null_count:
         raise RawLogError(f"{where}: the time column has {values.null_count} empty value(s)")
     if unit in ("s", "ms"):
@@ -174,34 +290,70 @@ def epoch_seconds(values: pa.ChunkedArray | pa.Array, unit: str, tz: str, where:
         if pc.any(aware).as_py():
             if not pc.all(aware).as_py():
                 raise RawLogError(f"{where}: the time column mixes times with and without a UTC offset")
-            stamps = pc.cast(text, pa.timestamp("s", tz="UTC"))
+            stamps = pc.cast(text, pa.timestamp("ns", tz="UTC"))
         else:
-            stamps = pc.assume_timezone(pc.cast(text, pa.timestamp("s")), tz)
+            stamps = pc.assume_timezone(pc.cast(text, pa.timestamp("ns")), tz)
     except pa.ArrowInvalid as e:
         raise RawLogError(f"{where}: the time column is not ISO 8601 ({e})") from None
-    return np.asarray(pc.cast(stamps, pa.int64()))
+    return np.floor_divide(np.asarray(pc.cast(stamps, pa.int64())), 1_000_000_000)
 
 
-def split_by_day(tables: Iterator[pa.Table], time_column: str, unit: str, tz: str, scratch: Path, where: str) -> list[str]:
-    """Writes every table's rows, with ``_t`` (seconds), into ``scratch/day=D/chunk-N.parquet`` by
-    UTC day; returns the days, ascending."""
+EARLIEST = 31_536_000  # 1971-01-01
+LATEST = 4_102_444_800  # 2100-01-01
+
+
+def check_times(t: np.ndarray, unit: str, where: Where) -> None:
+    """Refuses times outside 1970..2100 (milliseconds read as seconds land past 2100) and a batch
+    whose times all fall in 1970 (seconds read as milliseconds land in its first weeks)."""
+    if not t.size:
+        return
+    stamp = lambda s: dt.datetime.fromtimestamp(int(s), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # noqa: E731
+    if t.min() < 0 or t.max() > LATEST:
+        bad = int(t.min()) if t.min() < 0 else int(t.max())
+        raise RawLogError(f"{where}: times outside 1970..2100 (e.g. {bad} s since the epoch, with --time-unit {unit}); "
+                          "check --time-unit")
+    if t.max() < EARLIEST:
+        raise RawLogError(f"{where}: every time falls in 1970 ({stamp(t.min())} .. {stamp(t.max())} with --time-unit {unit}): "
+                          f"{'seconds read as milliseconds? ' if unit == 'ms' else ''}check --time-unit")
+
+
+def split_by_day(files: Sequence[Path], args: argparse.Namespace, labels: Sequence[Label], scratch: Path) -> list[str]:
+    """Reads every file of the log and writes its rows, checked and normalised (keys as text, times
+    as seconds in ``_t``, each label as int8 ``_y_<name>``), into ``scratch/day=D/chunk-N.parquet``
+    by UTC day; returns the days, ascending."""
+    columns = list(dict.fromkeys([args.user, args.item, args.time, *(c for lab in labels for c in lab.columns())]))
     days: set[str] = set()
-    for n, table in enumerate(tables):
-        t = epoch_seconds(table[time_column], unit, tz, where)
-        if t.size and (t.min() < 0 or t.max() > 4_102_444_800):  # 2100-01-01
-            raise RawLogError(f"{where}: times outside 1970..2100 (e.g. {int(t.min())}); check --time-unit")
-        day = t // SECONDS_PER_DAY
-        table = table.append_column("_t", pa.array(t))
-        for d in np.unique(day):
-            name = (dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat()
-            rows = table.filter(pa.array(day == d))
-            out = scratch / f"day={name}"
-            out.mkdir(parents=True, exist_ok=True)
-            pq.write_table(rows, out / f"chunk-{n:06d}.parquet")
-            days.add(name)
+    n = 0
+    for path in files:
+        first_row = 0
+        for table in read_batches(path, columns, keys=(args.user, args.item)):
+            where = Where(path, first_row)
+            t = epoch_seconds(table[args.time], args.time_unit, args.tz, where)
+            check_times(t, args.time_unit, where)
+            rows = pa.table({"_user": key_text(table[args.user], args.user, where), "_item": key_text(table[args.item], args.item, where),
+                             "_t": pa.array(t), **{f"_y_{lab.name}": pa.array(lab.evaluate(table, where)) for lab in labels}})
+            day = t // SECONDS_PER_DAY
+            for d in np.unique(day):
+                name = (dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat()
+                out = scratch / f"day={name}"
+                out.mkdir(parents=True, exist_ok=True)
+                write_table(rows.filter(pa.array(day == d)), out / f"chunk-{n:06d}.parquet")
+                days.add(name)
+            first_row += table.num_rows
+            n += 1
     if not days:
-        raise RawLogError(f"{where}: no rows")
+        raise RawLogError(f"{files[0] if len(files) == 1 else args.input}: no rows")
     return sorted(days)
+
+
+def write_table(table: pa.Table, path: Path, **kwargs) -> None:
+    """``pq.write_table`` whose OS errors name the file (pyarrow's own say only "Error writing bytes")."""
+    try:
+        pq.write_table(table, path, **kwargs)
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno or errno.EIO, f"{e}", str(path)) from None
 
 
 # ---- 2. per day: ids, negatives, history -------------------------------------------------------
@@ -226,12 +378,16 @@ class IdMap:
         id_of = np.fromiter((self.ids[k] for k in uniques.to_pylist()), np.int64, len(uniques))
         return id_of[np.asarray(pc.index_in(text, value_set=uniques))]
 
+    def keys(self) -> list[str]:
+        """The raw keys by dense id (for messages)."""
+        return list(self.ids)
+
     def table(self) -> pa.Table:
         return pa.table({"raw": pa.array(list(self.ids)), "id": pa.array(list(self.ids.values()), pa.int64())})
 
 
 def sample_negatives(users: np.ndarray, excluded: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator,
-                     names: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each of ``users`` [N] (dense ids), ``k`` distinct items drawn with probability ∝
     ``weights`` [I] (non-negative integer counts: an item of weight 0 is never drawn), none a
     (user, item) pair of ``excluded`` (sorted keys ``user * I + item``, e.g. the users' positives of
@@ -347,19 +503,23 @@ class History:
 
 def convert_day(day: str, rows: pa.Table, args: argparse.Namespace, labels: list[Label], users_map: IdMap, items_map: IdMap,
                 history: History, rng: np.random.Generator, where: str) -> pa.Table:
-    """One day of raw rows → the day's output rows (logged rows and their sampled negatives)."""
+    """One day of checked rows (:func:`split_by_day`) → the day's output rows (logged rows and their
+    sampled negatives)."""
     history.start_of_day(day)
     rows = rows.take(pc.sort_indices(rows, [("_t", "ascending")]))
-    users, items = users_map(rows[args.user], f"{where}: column {args.user!r}"), items_map(rows[args.item], f"{where}: column {args.item!r}")
+    users, items = users_map(rows["_user"], f"{where}: column {args.user!r}"), items_map(rows["_item"], f"{where}: column {args.item!r}")
     t = np.asarray(rows["_t"])
-    y = {lab.name: lab.evaluate(rows, where) for lab in labels}
+    y = {lab.name: np.asarray(rows[f"_y_{lab.name}"]) for lab in labels}
     first = y[labels[0].name].astype(bool)
     k = args.negatives
     weights = (np.ones(len(items_map), np.int64) if args.sampling == "uniform"
                else np.r_[history.item_positives_total, np.zeros(len(items_map) - history.item_positives_total.size, np.int64)] + 1)
     anchor = np.flatnonzero(first)
     excluded = np.unique(users[first] * len(items_map) + items[first])
-    neg_items, neg_prob = sample_negatives(users[anchor], excluded, weights, k, rng)
+    try:
+        neg_items, neg_prob = sample_negatives(users[anchor], excluded, weights, k, rng, names=users_map.keys())
+    except RawLogError as e:
+        raise RawLogError(f"{where}: {e} (or convert without the days with fewer items)") from None
     # logged rows, then each anchor's negatives right after it, at its time
     order_user = np.r_[users, np.repeat(users[anchor], k)]
     order_item = np.r_[items, neg_items.ravel()]
@@ -392,6 +552,22 @@ def build_spec(source: str, labels: list[str], n_users: int, n_items: int, seq_l
     )
 
 
+@contextmanager
+def scratch_dir(out: Path) -> Iterator[Path]:
+    """A scratch folder ``.rawlog-*`` beside ``out``, claimed while this process runs
+    (``common.files.claim``) and removed after; those of killed conversions are removed first."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for dead in remove_dead_folders(parent, ".rawlog-*"):
+        log.warning("removed %s, left by a conversion that was killed", dead)
+    with tempfile.TemporaryDirectory(prefix=".rawlog-", dir=parent) as scratch:
+        owner = claim(scratch)
+        try:
+            yield Path(scratch)
+        finally:
+            owner.close()
+
+
 def convert(args: argparse.Namespace) -> dict:
     """Converts ``args.input`` into ``args.out`` (see the module docstring); returns a summary."""
     labels = [Label.parse(t) for t in args.labels]
@@ -399,34 +575,33 @@ def convert(args: argparse.Namespace) -> dict:
         raise RawLogError(f"--labels: a name appears twice in {args.labels}")
     if args.negatives < 0 or args.seq_len < 1 or args.dim < 4 or args.dim % 4:
         raise RawLogError("--negatives must be >= 0, --seq-len >= 1, --dim a multiple of 4")
-    path = Path(args.input)
-    columns = list(dict.fromkeys([args.user, args.item, args.time, *(c for lab in labels for c in lab.columns())]))
+    files = input_files(args.input)
     rng = np.random.default_rng(args.seed)
     users, items, history = IdMap(), IdMap(), History(args.seq_len)
     rows_out = 0
-    with tempfile.TemporaryDirectory(prefix=".rawlog-", dir=Path(args.out).resolve().parent) as scratch, \
-            staged_output(args.out, overwrite=args.overwrite) as stage:
-        days = split_by_day(read_batches(path, columns), args.time, args.time_unit, args.tz, Path(scratch), str(path))
-        log.info("%s: %d day(s), %s .. %s", path, len(days), days[0], days[-1])
+    with scratch_dir(Path(args.out)) as scratch, staged_output(args.out, overwrite=args.overwrite) as stage:
+        days = split_by_day(files, args, labels, scratch)
+        log.info("%s: %d file(s), %d day(s), %s .. %s", args.input, len(files), len(days), days[0], days[-1])
         for day in days:
-            raw = pq.read_table(Path(scratch) / f"day={day}")
-            table = convert_day(day, raw, args, labels, users, items, history, rng, f"{path} (day {day})")
+            raw = pq.read_table(scratch / f"day={day}")
+            table = convert_day(day, raw, args, labels, users, items, history, rng, f"{args.input} (day {day})")
             write_part(table, stage, args.source, day, 0)
             rows_out += table.num_rows
-            shutil.rmtree(Path(scratch) / f"day={day}")
+            shutil.rmtree(scratch / f"day={day}")
             log.info("day %s: %d logged rows -> %d rows", day, raw.num_rows, table.num_rows)
         spec = build_spec(args.source, [lab.name for lab in labels], len(users), len(items), args.seq_len, args.dim)
         spec.dump(stage / "spec.toml")
         (stage / "ids").mkdir()
-        pq.write_table(users.table(), stage / "ids" / "user.parquet")
-        pq.write_table(items.table(), stage / "ids" / "item.parquet")
-    return {"out": str(args.out), "source": args.source, "days": len(days), "rows": rows_out, "users": len(users), "items": len(items)}
+        write_table(users.table(), stage / "ids" / "user.parquet")
+        write_table(items.table(), stage / "ids" / "item.parquet")
+    return {"out": str(args.out), "source": args.source, "files": len(files), "days": len(days), "rows": rows_out, "users": len(users), "items": len(items)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.rawlog", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="the raw log: .csv, .tsv, .parquet or .jsonl")
+    p.add_argument("--input", required=True, help="the raw log: a .csv, .tsv, .parquet or .jsonl file, a folder of such parts "
+                   "(names starting with _ or . skipped), or a quoted glob ('logs/day=*/part-*.csv')")
     p.add_argument("--out", required=True, help="dataset root to write (spec.toml, <source>/day=..., ids/)")
     p.add_argument("--source", default="ctr", help="the source's name (default ctr); the pipeline runs one model per source")
     p.add_argument("--user", default="user_id", help="column of the user key")
@@ -453,6 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RawLogError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, a vanished mount: one line naming the path
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
 

@@ -171,7 +171,7 @@ def test_bad_input_names_the_file_column_and_problem(tmp_path, capsys):
     bad.write_text("user,ad,ts,click\nu1,a1,1767225600,2\n")
     assert main(["--input", str(bad), "--out", str(tmp_path / "c"), "--user", "user", "--item", "ad", "--time", "ts",
                  "--labels", "click"]) == 2
-    assert "column 'click' (label 'click') must be 0 or 1; row 0 has 2" in capsys.readouterr().err
+    assert "bad.csv row 1: column 'click' (label 'click') must be 0 or 1; it has 2" in capsys.readouterr().err
     with pytest.raises(RawLogError, match="expected NAME, NAME=COLUMN==VALUE or NAME=1"):
         Label.parse("buy=event")
 
