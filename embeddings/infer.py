@@ -93,7 +93,8 @@ def infer_day(
     dedup_first: bool = True,
     overwrite: bool = False,
 ) -> dict[str, int]:
-    """Embeds every user and Pin of ``day`` (collective); returns counts per entity type."""
+    """Embeds every user and Pin of ``day`` (collective); returns counts per entity type. Refuses
+    (a ``ValueError`` on every rank, before any rank writes) if any embedding is NaN or infinite."""
     out = Path(out)
     rank, world = dist.get_rank(), dist.get_world_size()
     events = EventLog(embedder.data_root, embedder.source, days=[day])
@@ -102,7 +103,7 @@ def infer_day(
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
     keys = _key_columns(events)  # user, pin, time of every row of the day, in file order
-    counts = {}
+    embedded = {}  # both entity types held until both are checked: nothing is written before that
     for entity in ENTITIES:
         ids = keys[entity]
         mine = np.flatnonzero(hash_ids(ids, world) == rank)  # this rank's entities' rows
@@ -112,8 +113,24 @@ def infer_day(
         if not dedup_first:  # keep each entity's output for its last row
             keep = _last_per_entity(entity_ids, times)
             entity_ids, times, emb = entity_ids[keep], times[keep], emb[keep]
-        counts[entity] = _write(targets[entity], rank, entity_ids, emb.reshape(-1, embedder.dim), times)
-    return counts
+        embedded[entity] = (entity_ids, emb.reshape(-1, embedder.dim), times)
+    _refuse_non_finite(embedder, day, {entity: emb for entity, (_, emb, _) in embedded.items()})
+    return {entity: _write(targets[entity], rank, *embedded[entity]) for entity in ENTITIES}
+
+
+def _refuse_non_finite(embedder: Embedder, day: str, embedded: dict[str, np.ndarray]) -> None:
+    """Raises, on every rank alike, if any of the day's embeddings (``entity -> [N, E]``) is NaN or
+    infinite: aggregation would carry them into the pool. Collective: the counts are summed over
+    the ranks, so no rank writes its part while another refuses."""
+    users_pins = (embedded["user"], embedded["pin"])
+    bad = [int((~np.isfinite(emb)).any(axis=1).sum()) for emb in users_pins]
+    counts = torch.tensor([*bad, *(len(emb) for emb in users_pins)], dtype=torch.int64, device=embedder.device)
+    dist.all_reduce(counts)
+    bad_users, bad_pins, users, pins = counts.tolist()
+    if bad_users or bad_pins:
+        raise ValueError(f"{embedder.source} {day}: {bad_users:,} of {users:,} users and {bad_pins:,} of {pins:,} Pins got "
+                         f"non-finite (NaN or infinite) embeddings from snapshot {embedder.snapshot}; nothing written "
+                         "(the snapshot's weights are checked finite when loaded: look at the day's input values)")
 
 
 def _key_columns(events: EventLog) -> dict[str, np.ndarray]:
