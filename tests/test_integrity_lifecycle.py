@@ -10,7 +10,6 @@ the seam between a version's commit and its activation, as ``kill -9`` or a lost
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
