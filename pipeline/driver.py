@@ -30,7 +30,7 @@ per job. Outputs, under ``work``::
 
 Usage::
 
-    python -m pipeline                                     # the tiny world, 3 days, local_cwd
+    python -m pipeline --synthetic_preset=tiny             # the tiny world (generated), 3 days, local_cwd
     python -m pipeline --config configs/pipeline-demo.toml --max_parallel=1
     python -m pipeline --scheduler=kubernetes --image=REGISTRY/derm:1 --j=1x8 --gpu=8 \\
         --scheduler_args='{namespace = "derm"}' --work=/mnt/derm/pipeline --data=/mnt/derm/data
@@ -77,8 +77,10 @@ class PipelineConfig:
     downstream_kinds: dict[str, str] = field(default_factory=dict)
     """Downstream model per source, ``ctr`` (MMoE of DCNv2 experts) or ``cvr`` (DHEN); by default
     ``cvr`` for a source named cvr and ``ctr`` for any other."""
-    synthetic_preset: str = "tiny"
-    """Generate this synthetic world into ``data`` when it has no dataset; empty: refuse instead."""
+    synthetic_preset: str = ""
+    """Generate this synthetic world into ``data`` when it has no dataset (the demo config sets
+    ``demo``); empty, the default: a missing dataset is an error naming the path, so a mistyped
+    ``data`` never becomes a new synthetic world."""
     work: str = "runs/pipeline"
     """Where every step writes (see the module docstring)."""
     days: tuple[str, ...] = ()
@@ -159,6 +161,20 @@ class PipelineConfig:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
         if self.synthetic_preset and self.synthetic_preset not in PRESETS:
             raise ValueError(f"synthetic_preset must be one of {sorted(PRESETS)} or empty, got {self.synthetic_preset!r}")
+        from embeddings.heuristics import Heuristic
+
+        try:  # the lifecycle's own check, here before the first job rather than in the lifecycle job
+            Heuristic(self.method, self.alpha if self.method == "ma" else None)
+        except ValueError as e:
+            raise ValueError(f"{e} (pipeline setting method = {self.method!r}, alpha = {self.alpha})") from None
+        nodes, _, procs = self.j.partition("x")
+        if not (nodes.isdigit() and procs.isdigit() and int(nodes) >= 1 and int(procs) >= 1):
+            raise ValueError(f"j must be NODESxPROCS, e.g. '1x2', got {self.j!r}")
+        for key in ("cpu", "memMB"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.gpu < 0:
+            raise ValueError(f"gpu must be >= 0, got {self.gpu}")
 
 
 @dataclass
@@ -310,15 +326,56 @@ class Pipeline:
         ranks = int(self.config.j.split("x")[-1]) if "x" in self.config.j else 1
         return max(1, cores // (self.config.max_parallel * ranks))
 
+    def _upstream_args(self, source: str, eval_day: str) -> list[str]:
+        """trainer/main.py's overrides for the upstream model of ``source``. Evaluated on the next
+        day, so that summaries/DAY.json carries the contrastive loss, the temperature and the
+        spread of the model whose embeddings the lifecycle publishes."""
+        return [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={self.work / 'upstream' / source}",
+                "--train.overwrite=true", f'--train.eval_day="{eval_day}"', "--data.synthetic_preset=",
+                f"--train.seed={self.config.seed}", *self.config.upstream_overrides]
+
+    def _downstream_args(self, source: str, with_derm: bool) -> list[str]:
+        """trainer/main.py --task downstream's overrides for one downstream model."""
+        c = self.config
+        return [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={self.run_dir(source, with_derm)}",
+                "--train.overwrite=true", f"--derm.features={json.dumps(self.derm() if with_derm else [])}",
+                f"--derm.store_root={self.work / 'store'}", f"--derm.similarity={'true' if c.similarity and with_derm else 'false'}",
+                f"--model.features={json.dumps(list(c.downstream_features))}", "--data.synthetic_preset=",
+                f"--train.seed={c.seed}", *c.downstream_overrides]
+
+    def validate(self, day: str, eval_day: str) -> None:
+        """Parses every job's trainer arguments as its job would (``trainer.main.parse_args``), so
+        a bad override (an unknown key, a wrong type) is refused before the first job, not by the
+        first job of its kind after hours of others."""
+        from trainer.main import parse_args
+
+        for source in self.sources():
+            argv = [*self._upstream_args(source, eval_day), "--mode", "initial", "--days", day]
+            self._parse(parse_args, argv, f"upstream_overrides (the upstream {source} model)")
+            for with_derm in self._variants():
+                argv = ["--task=downstream", f"--kind={self.kind(source)}", *self._downstream_args(source, with_derm),
+                        "--mode", "initial", "--days", day, "--eval-day", eval_day]
+                self._parse(parse_args, argv, f"downstream_overrides (the downstream {self.run_dir(source, with_derm).name} model)")
+
+    @staticmethod
+    def _parse(parse_args: Callable, argv: list[str], what: str) -> None:
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parse_args(argv)
+        except SystemExit:  # argparse's error: its last line says what
+            raise ValueError(f"{what}: {err.getvalue().strip().splitlines()[-1]}") from None
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+
     def _upstream(self, source: str, day: str, eval_day: str) -> Step:
         from torchx_components import train
 
         run_dir = self.work / "upstream" / source
-        # Evaluated on the next day, so that summaries/DAY.json carries the contrastive loss, the
-        # temperature and the spread of the model whose embeddings the lifecycle publishes.
-        args = [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={run_dir}",
-                "--train.overwrite=true", f'--train.eval_day="{eval_day}"', "--data.synthetic_preset=",
-                f"--train.seed={self.config.seed}", *self.config.upstream_overrides]
+        args = self._upstream_args(source, eval_day)
 
         def app():  # decided at submission, once the earlier days are done
             if self._trained_before(run_dir, day):
@@ -350,15 +407,10 @@ class Pipeline:
     def _downstream(self, source: str, with_derm: bool, day: str, eval_day: str) -> Step:
         from torchx_components import downstream
 
-        c = self.config
         run_dir = self.run_dir(source, with_derm)
-        features = self.derm() if with_derm else []
         kind = self.kind(source)
-        args = [f"--data.root={self.data}", f"--data.source={source}", f"--train.run_dir={run_dir}", "--train.overwrite=true",
-                f"--derm.features={json.dumps(features)}", f"--derm.store_root={self.work / 'store'}",
-                f"--derm.similarity={'true' if c.similarity and with_derm else 'false'}",
-                f"--model.features={json.dumps(list(c.downstream_features))}", "--data.synthetic_preset=",
-                f"--train.seed={c.seed}", *c.downstream_overrides]
+        args = self._downstream_args(source, with_derm)
+
         def app():
             mode = {"mode": "incremental", "day": day} if self._trained_before(run_dir, day) else {"mode": "initial", "days": day}
             return downstream.train(*args, kind=kind, eval_day=eval_day, name=f"derm/downstream-{run_dir.name}-{day}",
@@ -371,6 +423,7 @@ class Pipeline:
         from torchx.runner import get_runner
 
         days, eval_days = self.days()
+        self.validate(days[0], eval_days[days[0]])
         downstream_days = []
         # SIGTERM (a scheduler stopping the driver, `kill`) unwinds like Ctrl-C: the jobs in flight
         # are cancelled on the way out (_run_stage), and the runner closes the local ones.
@@ -412,26 +465,51 @@ class Pipeline:
             cfg.setdefault("log_dir", str(self.work / "logs"))
         return cfg
 
+    SETTINGS = {"upstream": ("data", "sources", "seed", "upstream_overrides"),
+                "lifecycle": ("method", "alpha", "ann"),
+                "downstream": ("downstream_kinds", "derm", "similarity", "downstream_features", "downstream_overrides")}
+    """What the outputs under ``work`` depend on, by the first stage whose outputs they shape (each
+    later stage reads the earlier ones' outputs, so it depends on their settings too)."""
+
     def settings(self) -> dict[str, Any]:
         """What the outputs under ``work`` depend on (not where or how the jobs run)."""
-        c = self.config
-        keys = ("data", "sources", "downstream_kinds", "seed", "method", "alpha", "ann", "derm", "similarity",
-                "downstream_features", "upstream_overrides", "downstream_overrides")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(c, k)) for k in keys)}
+        keys = [k for stage in self.SETTINGS.values() for k in stage]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self.config, k)) for k in keys)}
 
     def _check_settings(self) -> None:
-        """Refuses to continue a work folder made with other settings: its finished steps would be
-        skipped and reported under settings they were not made with. A setting newer than the
+        """Refuses to continue a work folder whose finished outputs were made with other settings:
+        they would be skipped and reported under settings they were not made with. A setting may
+        change while no output it shapes exists yet (a first day whose lifecycle failed on a bad
+        alpha: the upstream snapshots are kept, alpha may be corrected). A setting newer than the
         folder counts as made with its default."""
         path, now = self.work / "pipeline.json", self.settings()
         if path.is_file():
             saved, defaults = json.loads(path.read_text()), Pipeline(PipelineConfig()).settings()
             differ = sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
-            if differ:
-                raise ValueError(f"{self.work} was made with other settings ({', '.join(differ)} differ; see {path}); "
-                                 "use another work folder, or remove this one to start over")
-            return
+            if not differ:
+                return
+            done = self.stages_with_outputs()
+            names = list(self.SETTINGS)
+            locked = [k for k in differ if any(names.index(stage) >= names.index(self._stage_of(k)) for stage in done)]
+            if locked:
+                raise ValueError(f"{self.work} was made with other settings ({', '.join(locked)} differ; see {path}) and "
+                                 f"has outputs made with them ({', '.join(sorted(done))}); use another work folder, or remove "
+                                 "this one to start over")
+            # A training job's mid-day checkpoint carries its run's fingerprint and resumes only under it.
+            log.info("%s: %s changed; no finished output depends on them, going on with the new values", self.work,
+                     ", ".join(differ))
         write_json_atomic(path, now)
+
+    def _stage_of(self, key: str) -> str:
+        return next((stage for stage, keys in self.SETTINGS.items() if key in keys), "upstream")
+
+    def stages_with_outputs(self) -> set[str]:
+        """The stages (upstream, lifecycle, downstream) with a finished step on any day."""
+        days, eval_days = self.days()
+        steps = {"upstream": lambda s, d, e: [self._upstream(s, d, e)], "lifecycle": lambda s, d, e: [self._lifecycle(s, d)],
+                 "downstream": lambda s, d, e: [self._downstream(s, v, d, e) for v in self._variants()]}
+        return {stage for stage, make in steps.items()
+                if any(step.done() for d in days for s in self.sources() for step in make(s, d, eval_days[d]))}
 
     def _run_stage(self, runner, day: str, steps: list[Step]) -> None:
         """Runs the stage's steps not done yet, ``max_parallel`` at a time; a failed step is
@@ -664,7 +742,8 @@ def _ensure_data(config: PipelineConfig) -> None:
     if (root / "spec.toml").exists():
         return
     if not config.synthetic_preset:
-        raise ValueError(f"{root}: no dataset (spec.toml) there, and synthetic_preset is empty")
+        raise ValueError(f"{root}: no dataset there (no spec.toml); check the data path, or set synthetic_preset "
+                         f"(one of {sorted(PRESETS)}) to generate a synthetic world there")
     from data.synthetic import generate
 
     log.info("no data in %s: generating the %s synthetic world there", root, config.synthetic_preset)

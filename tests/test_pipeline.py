@@ -223,13 +223,15 @@ def test_local_jobs_side_by_side_share_the_cores(monkeypatch):
     assert "env" not in Pipeline(PipelineConfig(scheduler="kubernetes"))._resources()  # a cluster job owns its cpu
 
 
-def test_a_work_folder_from_before_a_new_setting_continues_at_its_default(tmp_path):
-    config = PipelineConfig(work=str(tmp_path))
+def test_a_work_folder_from_before_a_new_setting_continues_at_its_default(tmp_path, tiny_world):
+    config = PipelineConfig(work=str(tmp_path), data=str(tiny_world))
     old = {k: v for k, v in Pipeline(config).settings().items() if k not in ("sources", "seed")}
     (tmp_path / "pipeline.json").write_text(json.dumps(old))
+    (tmp_path / "upstream" / "ctr" / "snapshots" / "day=2026-01-01").mkdir(parents=True)
+    (tmp_path / "upstream" / "ctr" / "snapshots" / "day=2026-01-01" / "meta.json").write_text("{}")  # an output made with them
     Pipeline(config)._check_settings()  # sources and seed at their defaults: the same settings
     with pytest.raises(ValueError, match=r"made with other settings \(seed differ"):
-        Pipeline(PipelineConfig(work=str(tmp_path), seed=1))._check_settings()
+        Pipeline(PipelineConfig(work=str(tmp_path), data=str(tiny_world), seed=1))._check_settings()
 
 
 # ---- one driver per work folder, orphans, retries ------------------------------------------------
