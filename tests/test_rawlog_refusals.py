@@ -146,5 +146,5 @@ def test_a_day_with_too_few_items_for_the_negatives_names_the_day_and_the_users_
     path.write_text(f"user,item,ts,click\nvisitor-42,x,{T0},1\nvisitor-42,y,{T0 + 86_400},1\nvisitor-7,z,{T0 + 86_401},1\n")
     assert convert(tmp_path, path, "--negatives", "2") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "(day 2026-01-01): user visitor-42 has only 0 items to draw from" in err
+    assert len(err) == 1 and "(day 2026-01-01): user visitor-42 has only 0 items to draw from" in err[0]
     assert "lower --negatives (or convert without the days with fewer items)" in err[0]
