@@ -1,6 +1,7 @@
 """The embedded feature-store backend: one local directory of immutable, memory-mapped numpy
 files per version, no server (paper Appendix C.2-C.3). Implements ``embeddings.store.FeatureStore``
-with the rules listed there; lookups go through ``embeddings.hash_index``."""
+with the rules listed there; lookups go through ``embeddings.hash_index``; each version's files are
+proved by a manifest (``common.digest``) when a process first opens the version."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from common.digest import MANIFEST, IntegrityError, digest_bytes, hashing_writer, verify_manifest, write_manifest
 from common.files import OWNER, claim, remove_dead_folders, write_text_atomic
 from embeddings.hash_index import build_slots, lookup_rows
 from embeddings.store import HISTORY_LIMIT, FeatureStore, VersionInfo, VersionWriter, as_ids, check_version_name
@@ -34,8 +37,10 @@ OPEN_VERSIONS = 4  # memory-mapped versions an EmbeddedStore keeps open (the act
 #   ROOT/versions/NAME/slots.npy      [2^b] int64, hash table: id -> row (b: 2 * V_n <= 2^b)
 #   ROOT/versions/NAME/emb.npy        [V_n, E] float32, rows in the order of ids.npy
 #   ROOT/versions/NAME/meta.json      {"dim", "count", "created"}
+#   ROOT/versions/NAME/MANIFEST.json  xxh3-128 digests of the four files above (common.digest);
+#                                     versions committed before 2026-12-08 have none
 #   ROOT/staging/NAME@TOKEN/          a version being written; renamed into versions/ on commit
-#                                     (a writer killed mid-way leaves it behind: delete it by hand)
+#                                     (a killed writer leaves it behind: the next begin_version removes it)
 #   ROOT/.lock                        flock held by writers of ACTIVE and versions/ (never by get)
 # ---------------------------------------------------------------------------------------------
 
@@ -46,6 +51,13 @@ class _OpenVersion:
     slots: np.ndarray  # [2^b] int64, hash table of row numbers (see lookup_rows)
     emb: np.ndarray  # [V_n, E] float32, memory-mapped
     stamp: tuple[int, int]  # meta.json's (inode, mtime): a version deleted and written again differs
+
+
+# Versions whose files this process has proved against their manifest (or warned about, when they
+# have none), by (version folder, meta.json stamp): each is hashed once per process, however many
+# EmbeddedStore handles open it and however often the LRU below drops and reopens it.
+_CHECKED: set[tuple[str, tuple[int, int]]] = set()
+_CHECKED_LOCK = threading.Lock()
 
 
 class EmbeddedStore(FeatureStore):
@@ -61,14 +73,22 @@ class EmbeddedStore(FeatureStore):
     ids is a few vectorised hash-probe rounds plus one gather (~0.1 ms for 1,000 ids at 1M
     entities once the pages are cached).
 
+    Integrity: a commit hashes each file while writing it and lists the digests in the version's
+    ``MANIFEST.json``; the first read of a version in a process hashes its files again (reading
+    all of ``emb.npy`` once: docs/lifecycle.md, "Integrity", has the cost) and refuses a damaged
+    one with an :class:`~common.digest.IntegrityError` naming the file. A version without a
+    manifest (committed before manifests existed) is read after one warning.
+
     Args:
         root: the store directory (created if missing).
         sort_block_rows: rows per block when a commit sorts the version into place (bounds memory).
+        verify: check a version's files against its manifest when this process first reads it.
     """
 
-    def __init__(self, root: str | os.PathLike, sort_block_rows: int = 262_144) -> None:
+    def __init__(self, root: str | os.PathLike, sort_block_rows: int = 262_144, verify: bool = True) -> None:
         self.root = Path(root)
         self.sort_block_rows = sort_block_rows
+        self.verify = verify
         (self.root / "versions").mkdir(parents=True, exist_ok=True)
         (self.root / "staging").mkdir(exist_ok=True)
         # Open versions, most recently used last. Bounded: a serving process that lives for months
@@ -207,12 +227,15 @@ class EmbeddedStore(FeatureStore):
             with contextlib.suppress(KeyError):  # evicted meanwhile by another thread: still valid
                 self._open.move_to_end(version)
             return cached
-        opened = _OpenVersion(
-            ids=np.load(path / "ids.npy", mmap_mode="r"),
-            slots=np.load(path / "slots.npy", mmap_mode="r"),
-            emb=np.load(path / "emb.npy", mmap_mode="r"),
-            stamp=stamp,
-        )
+        what = f"feature-store version {version!r} of {self.root}"
+        try:
+            if self.verify:
+                _check_once(path, stamp, what)
+            opened = _load_version(path, stamp, what)
+        except (IntegrityError, FileNotFoundError):
+            if not (path / "meta.json").exists():  # deleted while we opened it: get resolves again
+                raise FileNotFoundError(path / "meta.json") from None
+            raise
         self._open[version] = opened
         while len(self._open) > OPEN_VERSIONS:
             self._open.popitem(last=False)
@@ -269,11 +292,16 @@ class _EmbeddedWriter(VersionWriter):
             self.abort()
             example = int(sorted_ids[dup[0]])
             raise ValueError(f"version {self.version!r} has duplicate ids (e.g. {example}); ids must be unique")
-        np.save(self.staging / "ids.npy", sorted_ids)
-        np.save(self.staging / "slots.npy", build_slots(sorted_ids))
-        self._write_sorted_rows(order)
+        digests = {}
+        for name, array in (("ids.npy", sorted_ids), ("slots.npy", build_slots(sorted_ids))):
+            with hashing_writer(self.staging / name) as f:  # hashed as written: nothing is read back
+                np.save(f, array)
+            digests[name] = f.digest
+        digests["emb.npy"] = self._write_sorted_rows(order)
         created = time.time()
-        (self.staging / "meta.json").write_text(json.dumps({"dim": self.dim, "count": int(len(ids)), "created": created}))
+        meta = json.dumps({"dim": self.dim, "count": int(len(ids)), "created": created}).encode()
+        (self.staging / "meta.json").write_bytes(meta)
+        write_manifest(self.staging, {**digests, "meta.json": digest_bytes(meta)})
         _fsync_dir_files(self.staging)
         target = self.store._version_dir(self.version)
         with self.store._locked():
@@ -286,19 +314,21 @@ class _EmbeddedWriter(VersionWriter):
         self._done = True
         return VersionInfo(self.version, self.dim, int(len(ids)), created)
 
-    def _write_sorted_rows(self, order: np.ndarray) -> None:
+    def _write_sorted_rows(self, order: np.ndarray) -> str:
+        """Writes ``emb.npy`` [V_n, E] in id order, block by block and in sequence, so that it is
+        hashed as it is written; returns its digest."""
         n = len(order)
         raw_path = self.staging / "emb.unsorted.f32"
-        out = np.lib.format.open_memmap(self.staging / "emb.npy", mode="w+", dtype=np.float32, shape=(n, self.dim))
-        if n:
-            src = np.memmap(raw_path, dtype=np.float32, mode="r", shape=(n, self.dim))
-            for start in range(0, n, self.store.sort_block_rows):
-                block = order[start : start + self.store.sort_block_rows]
-                out[start : start + len(block)] = src[block]
-            del src
-        out.flush()
-        del out
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (n, self.dim)}
+        with hashing_writer(self.staging / "emb.npy") as out:
+            np.lib.format.write_array_header_1_0(out, header)  # the header np.save writes
+            if n:
+                src = np.memmap(raw_path, dtype=np.float32, mode="r", shape=(n, self.dim))
+                for start in range(0, n, self.store.sort_block_rows):
+                    out.write(src[order[start : start + self.store.sort_block_rows]])  # a gathered copy, contiguous
+                del src
         raw_path.unlink()
+        return out.digest
 
     def abort(self) -> None:
         if self._done:
@@ -307,6 +337,61 @@ class _EmbeddedWriter(VersionWriter):
         self._raw.close()
         shutil.rmtree(self.staging, ignore_errors=True)
         self._alive.close()
+
+
+def _check_once(path: Path, stamp: tuple[int, int], what: str) -> None:
+    """Proves the version folder ``path`` against its manifest, or warns that it has none, unless
+    this process did so already for the same commit (``stamp``)."""
+    key = (str(path.resolve()), stamp)
+    with _CHECKED_LOCK:
+        if key in _CHECKED:
+            return
+    if not verify_manifest(path, what):
+        if not (path / "meta.json").exists():
+            raise FileNotFoundError(path / "meta.json")  # deleted meanwhile, not written without a manifest
+        log.warning("%s: no %s (committed before versions had one): its files are read unchecked", what, MANIFEST)
+    with _CHECKED_LOCK:
+        _CHECKED.add(key)
+
+
+def _load_version(path: Path, stamp: tuple[int, int], what: str) -> _OpenVersion:
+    """Memory-maps a version's arrays; a file numpy cannot map (truncated, not a numpy file) or of
+    another shape than ``meta.json`` says is an :class:`IntegrityError` naming it, for versions
+    with or without a manifest."""
+    meta = json.loads((path / "meta.json").read_text())
+    count, dim = meta["count"], meta["dim"]
+    arrays = {}
+    for name in ("ids.npy", "slots.npy", "emb.npy"):
+        try:
+            arrays[name] = np.load(path / name, mmap_mode="r")
+        except FileNotFoundError:
+            raise IntegrityError(f"{what}: {path / name} is missing") from None
+        except (ValueError, OSError, EOFError) as e:  # numpy: "mmap length is greater than file size"
+            raise IntegrityError(f"{what}: {path / name} is {_unreadable(path / name, e)}; "
+                                 "restore it or publish the version again") from None
+    expected = {"ids.npy": ((count,), np.int64), "emb.npy": ((count, dim), np.float32)}
+    for name, (shape, dtype) in expected.items():
+        if arrays[name].shape != shape or arrays[name].dtype != dtype:
+            raise IntegrityError(f"{what}: {path / name} holds {arrays[name].dtype} {arrays[name].shape}, not the "
+                                 f"{np.dtype(dtype)} {shape} of its meta.json; restore it or publish the version again")
+    if arrays["slots.npy"].ndim != 1 or arrays["slots.npy"].dtype != np.int64:
+        raise IntegrityError(f"{what}: {path / 'slots.npy'} is not a 1-D int64 hash table")
+    return _OpenVersion(ids=arrays["ids.npy"], slots=arrays["slots.npy"], emb=arrays["emb.npy"], stamp=stamp)
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why numpy could not map ``path``: "truncated (N bytes, its header needs M)" when the header
+    is readable and promises more bytes than the file has, else numpy's own reason."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            need = f.tell() + int(np.prod(shape)) * dtype.itemsize
+        size = path.stat().st_size
+    except (ValueError, OSError, EOFError):
+        return f"not a numpy array ({error})"
+    return f"truncated ({size:,} bytes, its header needs {need:,})" if size < need else f"not a numpy array ({error})"
 
 
 def _fsync_dir_files(path: Path) -> None:

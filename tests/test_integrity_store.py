@@ -1,0 +1,87 @@
+"""What is read back is what was written (issue 29): store versions and ANN indexes carry
+manifests checked on open (embeddings/embedded_store.py, embeddings/ann.py, common/digest.py);
+Redis staging of a killed publisher is removed by the next publish (embeddings/redis_store.py);
+a full disk under an aggregate is one line naming the path (embeddings/aggregate.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import common.digest
+from common.digest import IntegrityError
+from embeddings.embedded_store import EmbeddedStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 8
+
+
+def flip_byte(path: Path, offset: int = -3) -> None:
+    """Flips one bit of ``path`` at ``offset`` (from the end by default: inside the data, past any header)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(data)
+
+
+def store_version(root: Path, n: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+    """Version 'v1' of the store at ``root``: ids 0..n-1 shuffled, random rows; returns them."""
+    rng = np.random.default_rng(0)
+    ids, emb = rng.permutation(n), rng.standard_normal((n, DIM)).astype(np.float32)
+    EmbeddedStore(root).write_version("v1", ids, emb)
+    return ids, emb
+
+
+# --- embedded store ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["emb.npy", "ids.npy", "slots.npy", "meta.json"])
+def test_a_flipped_byte_in_a_store_version_is_refused_naming_the_file(tmp_path, name):
+    ids, emb = store_version(tmp_path / "store")
+    version = tmp_path / "store" / "versions" / "v1"
+    flip_byte(version / name, offset=-3 if name != "meta.json" else 2)
+    with pytest.raises(IntegrityError) as e:
+        EmbeddedStore(tmp_path / "store").get(ids, version="v1")
+    message = str(e.value)
+    assert f"{version / name} is damaged" in message and "'v1'" in message and "\n" not in message
+
+
+def test_a_version_is_verified_when_first_opened_not_per_get(tmp_path, monkeypatch):
+    ids, emb = store_version(tmp_path / "store")
+    hashed = []
+    digest_file = common.digest.digest_file
+    monkeypatch.setattr(common.digest, "digest_file", lambda path: hashed.append(Path(path).name) or digest_file(path))
+    for _ in range(3):  # one process, several handles (a reader may open the store per call)
+        store = EmbeddedStore(tmp_path / "store")
+        for _ in range(3):
+            got, found = store.get(ids[:100], version="v1")
+            assert found.all() and (got == emb[:100]).all()
+    assert sorted(hashed) == ["emb.npy", "ids.npy", "meta.json", "slots.npy"]
+    assert EmbeddedStore(tmp_path / "store", verify=False).get(ids[:3], version="v1")[1].all()
+
+
+def test_a_version_written_before_manifests_opens_with_one_warning(tmp_path, caplog):
+    ids, emb = store_version(tmp_path / "store")
+    (tmp_path / "store" / "versions" / "v1" / "MANIFEST.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="derm.embeddings.store"):
+        for _ in range(2):
+            got, found = EmbeddedStore(tmp_path / "store").get(ids, version="v1")
+            assert found.all() and (got == emb).all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'v1'" in warnings[0] and "no MANIFEST.json" in warnings[0]
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_a_truncated_emb_npy_is_one_line_naming_the_file(tmp_path, manifest):
+    ids, _ = store_version(tmp_path / "store")
+    version = tmp_path / "store" / "versions" / "v1"
+    if not manifest:  # a version written before manifests: numpy's own check must be named too
+        (version / "MANIFEST.json").unlink()
+    (version / "emb.npy").write_bytes((version / "emb.npy").read_bytes()[:-1000])
+    with pytest.raises(IntegrityError) as e:
+        EmbeddedStore(tmp_path / "store").get(ids, version="v1")
+    message = str(e.value)
+    assert str(version / "emb.npy") in message and "\n" not in message and "mmap length" not in message
+    assert ("is damaged" if manifest else "is truncated") in message
