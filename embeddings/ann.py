@@ -24,7 +24,9 @@ Which FAISS index, by pool size (`AnnConfig`):
   Both IVF kinds use ``nlist = nlist_factor * sqrt(P)`` lists, k-means trained on a random sample
   of ``train_points_per_list * nlist`` Pins, and search ``nprobe`` lists per query.
 FAISS stores positions 0..P-1; ``ids.npy`` beside the index maps them back to Pin ids (one id map
-for every index kind, GPU indexes included).
+for every index kind, GPU indexes included). ``MANIFEST.json`` lists the xxh3-128 digests of the
+three files, computed while `save` writes them and checked by every `load` (``common.digest``): a
+damaged index is refused naming the file instead of answering searches.
 
 GPU: with ``use_gpu`` (default: when ``faiss.get_num_gpus() > 0``, i.e. the faiss-gpu build on a
 GPU machine) a flat or IVF-Flat index is copied to all GPUs for search
@@ -47,6 +49,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from common.digest import MANIFEST, IntegrityError, digest_bytes, hashing_writer, verify_manifest, write_manifest
 from common.files import staged_dir
 
 log = logging.getLogger("derm.embeddings.ann")
@@ -226,26 +229,42 @@ class AnnIndex:
             self.index.k_factor = float(k_factor)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes ``index.faiss``, ``ids.npy`` and ``ann.json`` into a new directory ``path``
-        (built beside it and renamed into place, so a reader never sees half an index)."""
+        """Writes ``index.faiss``, ``ids.npy``, ``ann.json`` and their ``MANIFEST.json`` into a new
+        directory ``path`` (built beside it and renamed into place, so a reader never sees half an
+        index); each file is hashed as it is written."""
         path = Path(path)
         if path.exists():
             raise ValueError(f"ANN index directory {path} already exists; indexes are immutable like their versions")
         with staged_dir(path) as tmp:
-            faiss.write_index(self.index, str(tmp / "index.faiss"))
-            np.save(tmp / "ids.npy", self.ids)
-            meta = {"kind": self.kind, "dim": self.dim, "pins": len(self), **self.search_params}
-            (tmp / "ann.json").write_text(json.dumps(meta, indent=1))
+            with hashing_writer(tmp / "index.faiss") as index_file:
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(index_file.write))
+            with hashing_writer(tmp / "ids.npy") as ids_file:
+                np.save(ids_file, self.ids)
+            meta = json.dumps({"kind": self.kind, "dim": self.dim, "pins": len(self), **self.search_params}, indent=1)
+            (tmp / "ann.json").write_text(meta)
+            write_manifest(tmp, {"index.faiss": index_file.digest, "ids.npy": ids_file.digest,
+                                 "ann.json": digest_bytes(meta.encode())})
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, use_gpu: bool | None = None) -> "AnnIndex":
-        """Reads an index written by `save`."""
+        """Reads an index written by `save`, after checking its files against their manifest (an
+        :class:`~common.digest.IntegrityError` names a damaged one); an index saved before
+        manifests existed is read after a warning."""
         path = Path(path)
         if not (path / "ann.json").exists():
             raise ValueError(f"{path} is not an ANN index directory (no ann.json)")
+        what = f"ANN index {path}"
+        if not verify_manifest(path, what):
+            log.warning("%s: no %s (saved before indexes had one): its files are read unchecked", what, MANIFEST)
         meta = json.loads((path / "ann.json").read_text())
-        loaded = cls(faiss.read_index(str(path / "index.faiss")), np.load(path / "ids.npy"), meta["kind"], use_gpu)
+        try:
+            index = faiss.read_index(str(path / "index.faiss"))
+        except RuntimeError as e:  # FAISS's C++ error, e.g. "read error in ...: 3100 != 3200"
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise IntegrityError(f"{what}: {path / 'index.faiss'} is truncated or unreadable ({reason}); "
+                                 "build the index again") from None
+        loaded = cls(index, np.load(path / "ids.npy"), meta["kind"], use_gpu)
         loaded.set_search_params(**{k: meta[k] for k in ("nprobe", "ef_search", "k_factor") if k in meta})
         return loaded
 

@@ -13,6 +13,7 @@ import pytest
 
 import common.digest
 from common.digest import IntegrityError
+from embeddings.ann import AnnIndex
 from embeddings.embedded_store import EmbeddedStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,35 @@ def test_a_truncated_emb_npy_is_one_line_naming_the_file(tmp_path, manifest):
     message = str(e.value)
     assert str(version / "emb.npy") in message and "\n" not in message and "mmap length" not in message
     assert ("is damaged" if manifest else "is truncated") in message
+
+
+# --- ANN index --------------------------------------------------------------------------------
+
+
+def ann_index(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A saved exact index over 2,000 random Pins; returns its folder and the Pins' vectors."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((2000, DIM)).astype(np.float32)
+    return AnnIndex.build(np.arange(2000) * 7, emb).save(tmp_path / "ann" / "pin-v1"), emb
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "ids.npy", "ann.json"])
+def test_a_flipped_byte_in_an_ann_index_is_refused_on_load(tmp_path, name):
+    path, _ = ann_index(tmp_path)
+    flip_byte(path / name, offset=-3 if name != "ann.json" else 5)
+    with pytest.raises(IntegrityError) as e:
+        AnnIndex.load(path)
+    assert f"{path / name} is damaged" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_ann_index_without_manifest_loads_and_a_truncated_one_is_named(tmp_path, caplog):
+    path, emb = ann_index(tmp_path)
+    (path / "MANIFEST.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="derm.embeddings.ann"):
+        ids, _ = AnnIndex.load(path).search(emb[:5], k=1)
+    assert (ids[:, 0] == np.arange(5) * 7).all()
+    assert any("no MANIFEST.json" in r.getMessage() for r in caplog.records)
+    (path / "index.faiss").write_bytes((path / "index.faiss").read_bytes()[:-1000])
+    with pytest.raises(IntegrityError) as e:
+        AnnIndex.load(path)
+    assert f"{path / 'index.faiss'} is truncated or unreadable" in str(e.value) and "\n" not in str(e.value)
