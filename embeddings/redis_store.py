@@ -7,8 +7,10 @@ Keys, for a namespace NS (version names cannot contain ':', so no two kinds of k
     NS:history                  list     previously active versions, oldest first (rollback pops)
     NS:versions                 hash     committed version -> {"dim", "count", "created"} (JSON)
     NS:data:VERSION             hash     8-byte little-endian id -> E little-endian float32
-    NS:staging:VERSION:TOKEN    hash     a version being written (expires if its writer dies)
+    NS:staging:VERSION:TOKEN    hash     a version being written (expires 24 h after its last put)
     NS:pending:VERSION          set      tokens of writers of VERSION (expires likewise)
+    NS:owner:VERSION:TOKEN      string   a live writer's claim: refreshed while it writes, short TTL
+    NS:writers                  set      VERSION:TOKEN of every writer started and not finished
 
 One hash per version rather than one key per entity: less memory per entity, and deleting a
 version is one UNLINK (freed in the background) instead of a scan over millions of keys. (On Redis
@@ -25,6 +27,20 @@ batch is exactly V's (committed hashes are never written again), and if not, the
 once for the new V (then, should activations outpace round trips, a script reads pointer and rows
 in one step). A batch can never mix versions. Readers thus pay one round trip.
 
+Killed writers. A writer's thread refreshes its owner key every third of ``writer_ttl_s`` (60 s);
+a killed writer's key expires, and the next `begin_version` removes its staging hash (a script
+that deletes it only while the owner key is absent), as the embedded store removes dead writers'
+staging folders. A claim that lapsed is never renewed (``SET ... XX``) and the commit script
+refuses a writer without one, so a writer stopped for longer than the TTL, whose staging another
+publisher may have removed, can never commit partial rows.
+
+Integrity. The rows live in the server; Redis checksums its own persistence files (RDB CRC64,
+AOF checked at load) and TCP the transfer. What the client can check for free it does: a commit
+needs exactly as many rows as were put, and a get refuses rows that are not 4E bytes each
+(written by something else; their total length is checked). No digest of a version's rows is
+kept: checking one would read the whole version back from the serving server (docs/lifecycle.md,
+"Integrity").
+
 Serving cost. The read path is plain HMGET, not a Lua script: a script that unpacks and repacks
 1,000 values costs the single-threaded server ~10x the HMGET. Writes are pipelined HSETs of
 ``put_rows`` fields, so a publish running next to serving traffic stalls the server for well under
@@ -38,18 +54,27 @@ from one joined buffer. On the 2-core VM, at 1M entities and under load, a 1,000
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 import time
 import uuid
+import weakref
 
 import numpy as np
 import redis
 
+from common.digest import IntegrityError
 from embeddings.store import HISTORY_LIMIT, FeatureStore, VersionInfo, VersionWriter, as_ids, check_version_name
 
-# KEYS: staging, data, versions, pending. ARGV: version, meta JSON, expected count, token.
+log = logging.getLogger("derm.embeddings.store")
+
+# KEYS: staging, data, versions, pending, owner, writers. ARGV: version, meta JSON, expected count,
+# token, VERSION:TOKEN.
 _COMMIT = """
-local function drop() redis.call('UNLINK', KEYS[1]); redis.call('SREM', KEYS[4], ARGV[4]) end
+local function finish() redis.call('SREM', KEYS[4], ARGV[4]); redis.call('DEL', KEYS[5]); redis.call('SREM', KEYS[6], ARGV[5]) end
+local function drop() redis.call('UNLINK', KEYS[1]); finish() end
+if redis.call('EXISTS', KEYS[5]) == 0 then drop(); return {'lost', 0} end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then drop(); return {'duplicate', 0} end
 local n = tonumber(ARGV[3])
 local have = redis.call('HLEN', KEYS[1])
@@ -60,8 +85,18 @@ if n > 0 then
   redis.call('PERSIST', KEYS[2])
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-redis.call('SREM', KEYS[4], ARGV[4])
+finish()
 return {'ok', n}
+"""
+
+# KEYS: owner, staging, pending, writers. ARGV: token, VERSION:TOKEN. Removes a writer's staging
+# only while its owner key is absent (expired: the writer died), in one step with the check.
+_REAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('UNLINK', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[2])
+return 1
 """
 
 # KEYS: active, history, versions, pending. ARGV: version, history limit.
@@ -159,8 +194,10 @@ class RedisStore(FeatureStore):
         namespace: prefix of every key, so several stores (ctr-user, cvr-pin, ...) share a server.
         put_rows: fields per HSET (~0.25 MB at E=64; the server is busy ~0.5 ms per HSET).
         pipeline_depth: HSETs sent per round trip.
-        staging_ttl_s: a version being written expires this long after its last `put` (a writer
-            that crashed leaves no garbage behind).
+        staging_ttl_s: a version being written expires this long after its last `put` (the
+            backstop; a killed writer's staging normally goes at the next `begin_version`).
+        writer_ttl_s: a writer refreshes its owner key every third of this; once it has not for
+            this long, the next `begin_version` treats the writer as dead and removes its staging.
     """
 
     def __init__(
@@ -170,6 +207,7 @@ class RedisStore(FeatureStore):
         put_rows: int = 1000,
         pipeline_depth: int = 16,
         staging_ttl_s: int = 86_400,
+        writer_ttl_s: float = 60.0,
     ) -> None:
         self.client = redis_client(client) if isinstance(client, str) else client
         if self.client.connection_pool.connection_kwargs.get("decode_responses"):
@@ -177,14 +215,19 @@ class RedisStore(FeatureStore):
         if not namespace or any(c.isspace() for c in namespace):
             raise ValueError(f"bad namespace {namespace!r}: use a non-empty string without spaces")
         self.namespace = namespace
+        if writer_ttl_s <= 0:
+            raise ValueError(f"writer_ttl_s must be positive, got {writer_ttl_s!r}")
         self.put_rows, self.pipeline_depth, self.staging_ttl_s = put_rows, pipeline_depth, staging_ttl_s
-        self._k_active, self._k_history, self._k_versions = (f"{namespace}:{k}" for k in ("active", "history", "versions"))
+        self.writer_ttl_s = writer_ttl_s
+        self._k_active, self._k_history, self._k_versions, self._k_writers = (
+            f"{namespace}:{k}" for k in ("active", "history", "versions", "writers"))
         self._k_data_prefix = f"{namespace}:data:".encode()
         self._commit = self.client.register_script(_COMMIT)
         self._activate = self.client.register_script(_ACTIVATE)
         self._rollback = self.client.register_script(_ROLLBACK)
         self._delete = self.client.register_script(_DELETE)
         self._get_active = self.client.register_script(_GET_ACTIVE)
+        self._reap = self.client.register_script(_REAP)
         self._last_active: bytes | None = None  # a hint for get(); any value is safe
 
     def __repr__(self) -> str:
@@ -195,6 +238,10 @@ class RedisStore(FeatureStore):
 
     def _pending_key(self, version: str) -> str:
         return f"{self.namespace}:pending:{version}"
+
+    def _writer_keys(self, version: str, token: str) -> tuple[str, str]:
+        """The staging hash and the owner key of one writer of ``version``."""
+        return f"{self.namespace}:staging:{version}:{token}", f"{self.namespace}:owner:{version}:{token}"
 
     def _refuse(self, status: str, version: str) -> None:
         if status == "pending":
@@ -212,7 +259,24 @@ class RedisStore(FeatureStore):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if self.client.hexists(self._k_versions, version):
             raise ValueError(f"duplicate version {version!r}: versions are immutable; publish under a new name")
+        self.remove_dead_staging()
         return _RedisWriter(self, version, int(dim))
+
+    def remove_dead_staging(self) -> list[str]:
+        """Removes the staging hashes of writers whose owner key expired (killed before they
+        committed or aborted); a live writer's, in this process or another, is left alone. Called
+        by every ``begin_version``; returns the staging keys removed. (Staging of writers from
+        before owner keys existed still expires after ``staging_ttl_s``.)"""
+        removed = []
+        for member in sorted(m.decode() for m in self.client.smembers(self._k_writers)):
+            version, _, token = member.partition(":")
+            staging, owner = self._writer_keys(version, token)
+            keys = [owner, staging, self._pending_key(version), self._k_writers]
+            if self._reap(keys=keys, args=[token, member]):
+                removed.append(staging)
+        if removed:
+            log.warning("%r: removed the staging of dead writers: %s", self, ", ".join(removed))
+        return removed
 
     def _all_info(self) -> list[VersionInfo]:
         infos = []
@@ -274,7 +338,7 @@ class RedisStore(FeatureStore):
             if meta is None:
                 pending = self.client.exists(self._pending_key(name.decode()))
                 self._refuse("pending" if pending else "unknown", name.decode())
-            return _decode(values[0] if values else [], len(query), json.loads(meta)["dim"])
+            return _decode(values[0] if values else [], len(query), json.loads(meta)["dim"], name.decode())
         # Activations faster than our round trips (never in daily serving; a stress test does it):
         # read the pointer and the rows inside one script, which always succeeds.
         fields = query.astype("<i8", copy=False).view("V8").tolist()
@@ -282,7 +346,7 @@ class RedisStore(FeatureStore):
         if name is None:
             raise ValueError("no active version: publish and activate one first (or pass version=)")
         self._last_active = name
-        return _decode(values, len(query), json.loads(meta)["dim"])
+        return _decode(values, len(query), json.loads(meta)["dim"], name.decode())
 
     def _transaction(self, name: bytes, query: np.ndarray) -> list:
         """``[GET active, HGET versions name, HMGET data:name ids]`` (no HMGET for no ids) in one
@@ -330,29 +394,46 @@ def _pack_get(heads: list[tuple[bytes, ...]], tail: tuple[bytes, ...], ids: np.n
     return b"".join(out)
 
 
-def _decode(values: list[bytes | None], n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """HMGET's reply (raw rows or None) as embeddings [N, E] float32 and found [N] bool."""
+def _decode(values: list[bytes | None], n: int, dim: int, version: str) -> tuple[np.ndarray, np.ndarray]:
+    """HMGET's reply (raw rows or None) as embeddings [N, E] float32 and found [N] bool; rows that
+    are not 4E bytes each (not written by this store) are an :class:`IntegrityError`."""
     found = np.fromiter(map(bool, values), bool, n) if n else np.zeros(0, bool)
+    joined = b"".join(filter(None, values))
+    rows = int(found.sum())
+    # The total length, free to check, catches any row of another length but a set of them that
+    # adds up exactly; checking each row's costs ~50 us a 1,000-key get (2-3 % of it) here.
+    if len(joined) != rows * 4 * dim:
+        raise IntegrityError(f"Redis version {version!r}: the {rows} rows read hold {len(joined)} bytes, not {rows} x "
+                             f"{4 * dim} ({dim} float32): its hash was written by something else; publish the version again")
     out = np.zeros((n, dim), np.float32)
-    out[found] = np.frombuffer(b"".join(filter(None, values)), "<f4").reshape(-1, dim)
+    out[found] = np.frombuffer(joined, "<f4").reshape(-1, dim)
     return out, found
 
 
 class _RedisWriter(VersionWriter):
-    """Pipelines packed batches into a staging hash; `commit` renames it into place."""
+    """Pipelines packed batches into a staging hash; `commit` renames it into place. A thread
+    refreshes the writer's owner key until it commits, aborts or is garbage-collected."""
 
     def __init__(self, store: RedisStore, version: str, dim: int) -> None:
         self.store, self.version, self.dim = store, version, dim
         token = uuid.uuid4().hex
-        self._token = token
-        self._staging = f"{store.namespace}:staging:{version}:{token}"
+        self._token, self._member = token, f"{version}:{token}"
+        self._staging, self._owner = store._writer_keys(version, token)
         self._pending = store._pending_key(version)
-        store.client.pipeline().sadd(self._pending, token).expire(self._pending, store.staging_ttl_s).execute()
+        ttl_ms = max(1, int(store.writer_ttl_s * 1000))
+        (store.client.pipeline().set(self._owner, 1, px=ttl_ms).sadd(store._k_writers, self._member)
+         .sadd(self._pending, token).expire(self._pending, store.staging_ttl_s).execute())
         self._rows = 0
         self._done = False
+        self._stop, self._lost = threading.Event(), threading.Event()
+        weakref.finalize(self, self._stop.set)  # an abandoned writer stops proving it is alive
+        threading.Thread(target=_keep_alive, args=(store.client, self._owner, ttl_ms, self._stop, self._lost),
+                         name=f"redis-writer-{version}", daemon=True).start()
 
     def put(self, ids: np.ndarray, embeddings: np.ndarray) -> None:
         ids, emb = self._rows_of(ids, embeddings)
+        if self._lost.is_set():
+            raise ValueError(self._lapsed())
         if len(np.unique(ids)) != len(ids):
             raise ValueError(f"version {self.version!r} has duplicate ids within one put; ids must be unique")
         store = self.store
@@ -376,9 +457,12 @@ class _RedisWriter(VersionWriter):
         store = self.store
         created = time.time()
         meta = json.dumps({"dim": self.dim, "count": self._rows, "created": created})
-        keys = [self._staging, store._data_key(self.version), store._k_versions, self._pending]
-        status, have = store._commit(keys=keys, args=[self.version, meta, self._rows, self._token])
+        keys = [self._staging, store._data_key(self.version), store._k_versions, self._pending, self._owner, store._k_writers]
+        status, have = store._commit(keys=keys, args=[self.version, meta, self._rows, self._token, self._member])
         self._done = True  # the script dropped the staging hash on every refusal
+        self._stop.set()
+        if status == b"lost":
+            raise ValueError(self._lapsed())
         if status == b"duplicate":
             raise ValueError(f"duplicate version {self.version!r}: it was committed meanwhile by another writer")
         if status == b"count":
@@ -390,11 +474,32 @@ class _RedisWriter(VersionWriter):
             raise ValueError(f"cannot commit version {self.version!r}: {why}")
         return VersionInfo(self.version, self.dim, self._rows, created)
 
+    def _lapsed(self) -> str:
+        return (f"cannot commit version {self.version!r}: this writer's claim lapsed (its owner key {self._owner} was "
+                f"not refreshed for {self.store.writer_ttl_s:g} s: the process was stopped or cut off from Redis), so "
+                "another publisher may have removed its rows; publish the version again")
+
     def abort(self) -> None:
         if self._done:
             return
         self._done = True
+        self._stop.set()
+        store = self.store
         try:
-            self.store.client.pipeline().unlink(self._staging).srem(self._pending, self._token).execute()
+            (store.client.pipeline().unlink(self._staging).srem(self._pending, self._token)
+             .delete(self._owner).srem(store._k_writers, self._member).execute())
         except redis.RedisError:
-            pass  # best effort (e.g. the connection is gone): the staging keys expire on their own
+            pass  # best effort (e.g. the connection is gone): the owner key expires, the next writer cleans up
+
+
+def _keep_alive(client: redis.Redis, owner: str, ttl_ms: int, stop: threading.Event, lost: threading.Event) -> None:
+    """Refreshes a writer's owner key every third of its TTL until ``stop``; sets ``lost`` and ends
+    if the key expired meanwhile (``XX``: a lapsed claim is never renewed, since another publisher
+    may have removed the writer's staging once it saw the key gone)."""
+    while not stop.wait(ttl_ms / 3000):
+        try:
+            if not client.set(owner, 1, px=ttl_ms, xx=True):
+                lost.set()
+                return
+        except redis.RedisError:
+            pass  # the server is unreachable for now: the next round tries again, the TTL decides

@@ -6,6 +6,11 @@ a full disk under an aggregate is one line naming the path (embeddings/aggregate
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,8 @@ import common.digest
 from common.digest import IntegrityError
 from embeddings.ann import AnnIndex
 from embeddings.embedded_store import EmbeddedStore
+from embeddings.redis_store import RedisStore
+from tests.redis_server import redis_url  # noqa: F401  (pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 8
@@ -118,3 +125,56 @@ def test_an_ann_index_without_manifest_loads_and_a_truncated_one_is_named(tmp_pa
     with pytest.raises(IntegrityError) as e:
         AnnIndex.load(path)
     assert f"{path / 'index.faiss'} is truncated or unreadable" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+
+def test_a_killed_redis_publishers_staging_is_removed_by_the_next_writer(redis_url):  # noqa: F811
+    """A publisher killed mid-version (SIGKILL after writing rows) leaves its staging hash; once its
+    owner key, which a live writer keeps refreshing, has expired, the next ``begin_version``
+    removes it. A live writer's staging stays, however long it takes between puts."""
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    store = RedisStore(redis_url, namespace=namespace, writer_ttl_s=1.5)
+    live = store.begin_version("live", DIM)
+    live.put(np.arange(10), np.ones((10, DIM), np.float32))
+    code = ("import os, signal, numpy as np; from embeddings.redis_store import RedisStore; "
+            f"w = RedisStore({redis_url!r}, namespace={namespace!r}, writer_ttl_s=1.5).begin_version('v9', {DIM}); "
+            f"w.put(np.arange(1000), np.ones((1000, {DIM}), np.float32)); os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == -signal.SIGKILL
+    client = store.client
+    assert len(client.keys(f"{namespace}:staging:v9:*")) == 1
+    time.sleep(3.0)  # past the dead writer's owner key; the live writer refreshed its own meanwhile
+    with store.begin_version("v10", DIM) as writer:
+        writer.put(np.arange(3), np.ones((3, DIM), np.float32))
+        writer.commit()
+    assert client.keys(f"{namespace}:staging:v9:*") == [] and not client.exists(f"{namespace}:pending:v9")
+    with pytest.raises(ValueError, match="unknown version 'v9'"):  # no longer 'a write was started'
+        store.activate("v9")
+    live.put(np.arange(10, 20), np.ones((10, DIM), np.float32))
+    live.commit()
+    assert store.versions() == ["v10", "live"] and store.version_info("live").count == 20
+
+
+def test_a_redis_writer_whose_claim_lapsed_cannot_commit(redis_url):  # noqa: F811
+    """If a writer's owner key lapses (a process stopped for longer than its TTL), the next
+    publisher may remove its staging: the writer must then never commit (the rows would be partial)."""
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    store = RedisStore(redis_url, namespace=namespace)
+    writer = store.begin_version("v1", DIM)
+    writer.put(np.arange(10), np.ones((10, DIM), np.float32))
+    assert store.client.delete(*store.client.keys(f"{namespace}:owner:*")) == 1  # as if it expired
+    with pytest.raises(ValueError, match="'v1'.*claim"):
+        writer.commit()
+    assert store.versions() == [] and store.client.keys(f"{namespace}:staging:*") == []
+
+
+def test_a_redis_row_of_the_wrong_length_is_refused(redis_url):  # noqa: F811
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    store = RedisStore(redis_url, namespace=namespace)
+    store.write_version("v1", np.arange(10), np.ones((10, DIM), np.float32))
+    key = f"{namespace}:data:v1"
+    field = lambda i: np.int64(i).astype("<i8").tobytes()  # noqa: E731
+    store.client.hset(key, field(2), b"\0" * (4 * DIM - 4))  # a row written by something else
+    with pytest.raises(IntegrityError, match=r"version 'v1': the 10 rows read hold 316 bytes, not 10 x 32"):
+        store.get(np.arange(10), version="v1")  # before: numpy's "cannot reshape array of size 79 into shape (8)"
