@@ -60,6 +60,7 @@ from embeddings.pool import (
     bucket_meta,
     commit,
     manifest_digest,
+    naming,
     pool_days,
     pool_dir,
     read_bucket,
@@ -202,7 +203,8 @@ def _stage_buckets(part: DailyPartition, prev: Path | None, run: dict, heuristic
     num_buckets, dim = run["num_buckets"], run["dim"]
     with BucketedDay(tmp_dir, num_buckets, chosen, dim) as bday:
         t0 = time.perf_counter()
-        bday.write([part.batches(_READ_ROWS, share) for share in part.shares(workers)])
+        with naming(bday.dir):  # its run files' pyarrow writers name no file on ENOSPC
+            bday.write([part.batches(_READ_ROWS, share) for share in part.shares(workers)])
         logger.info("split %s daily rows by bucket in %.1f s", f"{bday.rows_read:,}", time.perf_counter() - t0)
 
         def one(b: int) -> int:

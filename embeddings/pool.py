@@ -26,6 +26,7 @@ Glossary: N rows, E embedding dimension, B number of buckets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +55,18 @@ ROW_GROUP_ROWS = 1 << 16
 
 class PoolError(ValueError):
     """The pool's state does not allow the request (gap, mismatched settings, incomplete day)."""
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Names ``path`` in an ``OSError`` that names no file: pyarrow's writers and Python's buffered
+    writes raise a full disk's ENOSPC without one, and the CLI's one line must say where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def pool_dir(pool_root: str | Path, source: str, entity: str) -> Path:
@@ -131,7 +145,7 @@ def write_bucket(path: Path, cols: PoolColumns, meta: dict) -> None:
          pa.array(cols.first_day).cast(pa.date32()), pa.array(cols.updates)],
         schema=schema,
     )
-    with atomic_path(path) as tmp:
+    with naming(path), atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, **_WRITE_OPTIONS)
 
 
@@ -145,8 +159,9 @@ def bucket_meta(path: Path) -> dict:
 
 def commit(staging: Path, final: Path, manifest: dict, report: dict) -> None:
     """Writes report and manifest into the staged snapshot, then moves it to ``final``."""
-    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (staging / "_SUCCESS").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for name, text in (("report.json", json.dumps(report, indent=2)), ("_SUCCESS", json.dumps(manifest, indent=2, sort_keys=True))):
+        with naming(staging / name):
+            (staging / name).write_text(text + "\n")
     trash = final.parent / "_trash" / f"{final.name}.{uuid.uuid4().hex}"
     if final.exists():
         trash.parent.mkdir(exist_ok=True)

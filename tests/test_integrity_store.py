@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import common.digest
@@ -21,6 +23,7 @@ from common.digest import IntegrityError
 from embeddings.ann import AnnIndex
 from embeddings.embedded_store import EmbeddedStore
 from embeddings.redis_store import RedisStore
+from tests.conftest import fill
 from tests.redis_server import redis_url  # noqa: F401  (pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +181,31 @@ def test_a_redis_row_of_the_wrong_length_is_refused(redis_url):  # noqa: F811
     store.client.hset(key, field(2), b"\0" * (4 * DIM - 4))  # a row written by something else
     with pytest.raises(IntegrityError, match=r"version 'v1': the 10 rows read hold 316 bytes, not 10 x 32"):
         store.get(np.arange(10), version="v1")  # before: numpy's "cannot reshape array of size 79 into shape (8)"
+
+
+# --- a real full disk -------------------------------------------------------------------------
+
+
+def test_a_full_disk_under_an_aggregate_is_one_line_naming_the_path(small_disk, tmp_path, monkeypatch, capsys):
+    """The pool on a 5 MiB tmpfs, the day's 20,000 x 64 daily rows (5 MB) on the ordinary disk:
+    the kernel's ENOSPC, wherever it comes from (pyarrow, numpy), is one line naming a path."""
+    import common.log
+    from embeddings.aggregate import main
+
+    n = 20_000
+    rng = np.random.default_rng(0)
+    day = tmp_path / "emb" / "ctr" / "user" / "day=2026-01-01"
+    day.mkdir(parents=True)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(n * 64).astype(np.float32)), 64)
+    pq.write_table(pa.table({"entity_id": pa.array(np.arange(n)), "embedding": emb,
+                             "event_time": pa.array(np.full(n, 1000))}), day / "part-00000.parquet")
+    monkeypatch.setattr(common.log, "setup_logging", lambda: None)
+    args = ["--emb", str(tmp_path / "emb"), "--pool", str(small_disk / "pool"), "--source", "ctr", "--entity", "user",
+            "--day", "2026-01-01", "--method", "acc", "--num-buckets", "4"]
+    split_elsewhere = ["--tmp-dir", str(tmp_path / "split")]  # then the pool's own bucket files fill it
+    for extra in ([], split_elsewhere, "fill"):
+        if extra == "fill":  # and when even the first small write fails
+            fill(small_disk)
+        assert main(args + (extra if extra != "fill" else [])) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: disk full") and f"({small_disk}/pool/" in err, err
