@@ -34,8 +34,8 @@ staging folders. A claim that lapsed is never renewed (``SET ... XX``) and the c
 refuses a writer without one, so a writer stopped for longer than the TTL, whose staging another
 publisher may have removed, can never commit partial rows.
 
-Integrity. The rows live in the server; Redis checksums its own persistence files (RDB CRC64,
-AOF checked at load) and TCP the transfer. What the client can check for free it does: a commit
+Integrity. The rows live in the server; Redis checksums its snapshots (RDB CRC64; a truncated
+AOF is found at load) and TCP the transfer. What the client can check for free it does: a commit
 needs exactly as many rows as were put, and a get refuses rows that are not 4E bytes each
 (written by something else; their total length is checked). No digest of a version's rows is
 kept: checking one would read the whole version back from the serving server (docs/lifecycle.md,
