@@ -83,6 +83,19 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     swap_dir(stage, out)
 
 
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Names ``path`` in an ``OSError`` raised inside the block that names no file: pyarrow's
+    writers and Python's buffered writes raise a full disk's ENOSPC without one, and the one line a
+    command prints (:func:`os_error_line`) must say where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def os_error_line(e: OSError) -> str:
     """One line for a failed file operation, naming the path: what the command-line tools print
     instead of a traceback (disk full above all, where the write that failed is the whole story)."""

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import errno
 import io
 import json
 import logging
@@ -65,7 +64,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from common.files import claim, os_error_line, remove_dead_folders
+from common.files import claim, naming, os_error_line, remove_dead_folders
 from data.dataset_writer import staged_output, write_part
 from data.spec import DenseFeature, FeatureSpec, Keys, SequenceFeature, Source, SparseFeature
 
@@ -348,12 +347,8 @@ def split_by_day(files: Sequence[Path], args: argparse.Namespace, labels: Sequen
 
 def write_table(table: pa.Table, path: Path, **kwargs) -> None:
     """``pq.write_table`` whose OS errors name the file (pyarrow's own say only "Error writing bytes")."""
-    try:
+    with naming(path):
         pq.write_table(table, path, **kwargs)
-    except OSError as e:
-        if e.filename:
-            raise
-        raise OSError(e.errno or errno.EIO, f"{e}", str(path)) from None
 
 
 # ---- 2. per day: ids, negatives, history -------------------------------------------------------

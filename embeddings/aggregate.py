@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import naming
 from embeddings.buckets import BucketedDay
 from embeddings.daily_input import DailyPartition, InputError, day_partition, dedup_latest, emb_days
 from embeddings.heuristics import Heuristic, PoolColumns, merge_bucket
@@ -60,7 +61,6 @@ from embeddings.pool import (
     bucket_meta,
     commit,
     manifest_digest,
-    naming,
     pool_days,
     pool_dir,
     read_bucket,

@@ -26,7 +26,6 @@ Glossary: N rows, E embedding dimension, B number of buckets.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.files import atomic_path
+from common.files import atomic_path, naming
 from embeddings.heuristics import PoolColumns
 
 FORMAT = "derm-pool/1"
@@ -55,18 +54,6 @@ ROW_GROUP_ROWS = 1 << 16
 
 class PoolError(ValueError):
     """The pool's state does not allow the request (gap, mismatched settings, incomplete day)."""
-
-
-@contextlib.contextmanager
-def naming(path: str | Path) -> Iterator[None]:
-    """Names ``path`` in an ``OSError`` that names no file: pyarrow's writers and Python's buffered
-    writes raise a full disk's ENOSPC without one, and the CLI's one line must say where."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
 
 
 def pool_dir(pool_root: str | Path, source: str, entity: str) -> Path:

@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.files import os_error_line
+from common.files import naming, os_error_line
 from embeddings.embedded_store import EmbeddedStore
 from embeddings.store import FeatureStore, check_version_name
 
@@ -85,18 +85,6 @@ class PublishReport:
 def on_commit(version: str) -> None:
     """Runs between a version's commit and the rest of its publish (index, activation) and does
     nothing: the seam at which tests kill a publish (``os._exit``), as ``kill -9`` would."""
-
-
-@contextlib.contextmanager
-def _naming(path: str | Path) -> Iterator[None]:
-    """Names ``path`` in an ``OSError`` that names no file: a buffered write that finds the disk full
-    raises ENOSPC without one, and the one line the CLI prints must say where."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
 
 
 def _location(store: FeatureStore) -> str:
@@ -196,7 +184,7 @@ def publish(
         raise ValueError(f"ANN index {ann_path} already exists")
     ann_ids: list[np.ndarray] = []
     ann_emb: list[np.ndarray] = []
-    with _naming(_location(store)), store.begin_version(version, dim) as writer:
+    with naming(_location(store)), store.begin_version(version, dim) as writer:
         for ids, emb in read_pool(files, dim, batch_rows):
             writer.put(ids, emb)
             if ann_path is not None:
@@ -209,7 +197,7 @@ def publish(
             _build_index(ann_path, ann_ids, ann_emb, ann_config)
             del ann_ids, ann_emb
         if activate:
-            with _naming(_location(store)):
+            with naming(_location(store)):
                 store.activate(version)
     except BaseException:
         # A retry must find neither the version nor its index (names are never reused otherwise).
@@ -228,7 +216,7 @@ def _build_index(ann_path: Path, ids: list[np.ndarray], emb: list[np.ndarray], c
     from embeddings.ann import AnnIndex
 
     index = AnnIndex.build(np.concatenate(ids), np.concatenate(emb), config)
-    with _naming(ann_path):
+    with naming(ann_path):
         index.save(ann_path)
 
 
@@ -259,7 +247,7 @@ def _complete(pool_day_dir: str | Path, files: Sequence[Path], dim: int, rows: i
     versions, active = store.versions(), store.active_version()
     later = active if active in versions[versions.index(version) + 1:] else None
     if activate and later is None:
-        with _naming(_location(store)):
+        with naming(_location(store)):
             store.activate(version)
     seconds = time.perf_counter() - t0
     state = "active" if activate and later is None else f"not activated over {later}" if activate else "not active"
