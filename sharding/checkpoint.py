@@ -9,16 +9,22 @@ A snapshot is a directory::
                                      (``sharding.planner.plan_to_json``; for people and dry-run checks)
     SNAP/rng-rank<r>.pt              each rank's RNG states as tensors (restored when the world size
                                      matches; loaded with ``weights_only=True``: no code runs)
+    SNAP/MANIFEST.json               the xxh3 digest of every file above (``common.digest``)
 
-Every rank writes its own shards; nothing is gathered to rank 0. Snapshots are written under a
-hidden staging name and renamed into place by rank 0 once every rank has finished, so a crash
-never leaves a half-written snapshot where a loader would take it for a complete one. DCP reshards
-on load, so a snapshot saved by N ranks loads into M ranks, or into one unsharded process
+Every rank writes its own shards and digests them; nothing but the digests is gathered to rank 0.
+Snapshots are written under a hidden staging name and renamed into place by rank 0 once every rank
+has finished and the manifest is written, so a crash never leaves a half-written snapshot where a
+loader would take it for a complete one; a full disk is the ``OSError`` it is, naming the snapshot
+(torch's zip writer reports it as ``unexpected pos``), and leaves no staging behind. Every load
+goes through ``sharding.snapshot_files``: the manifest's digests checked, the DCP metadata read
+without running code, refused in one line on every rank together. DCP reshards on load, so a
+snapshot saved by N ranks loads into M ranks, or into one unsharded process
 (:func:`load_unsharded`) for small-scale inference.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,18 +40,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 from torch.optim import Optimizer
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
+from common.digest import digest_files, hashing_writer, write_manifest
 from common.files import swap_dir
 from sharding.planner import plan_to_json
+from sharding.snapshot_files import SafeLoadPlanner, SafeReader, SnapshotError, checked_metadata
 from sharding.snapshot_paths import META, PLAN, is_snapshot, latest_snapshot_before, snapshot_path  # noqa: F401 (re-exported: the snapshot API)
 
 log = logging.getLogger("derm.checkpoint")
-
-
-class SnapshotError(ValueError):
-    """A snapshot that is missing, incomplete or does not match the model being built."""
 
 
 def save_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer, meta: dict[str, Any], overwrite: bool = False) -> Path:
@@ -63,20 +71,68 @@ def save_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimize
     dist.broadcast_object_list(name, src=0)
     stage = path.parent / name[0]
     try:
-        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=stage)
-        torch.save(_rng_state(), stage / f"rng-rank{rank}.pt")
-        dist.barrier()
+        writer = _DigestingWriter(stage)
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, storage_writer=writer)
+        rng = f"rng-rank{rank}.pt"
+        with hashing_writer(stage / rng) as f:  # a file object: a full disk surfaces as OSError, not "unexpected pos"
+            torch.save(_rng_state(), f)
+        digests: list[dict[str, str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, {**writer.digests, rng: f.digest})  # also: every rank has written
         if rank == 0:
             (stage / META).write_text(json.dumps({**meta, "world_size": dist.get_world_size()}, indent=1))
             if getattr(model, "plan", None) is not None:  # DMP's
                 (stage / PLAN).write_text(json.dumps(plan_to_json(model.plan), indent=1))
+            listed = {k: v for d in digests for k, v in d.items()}
+            rest = sorted(p.name for p in stage.iterdir() if p.name not in listed)  # .metadata, meta.json, plan.json
+            write_manifest(stage, {**listed, **digest_files(stage, rest)})
             swap_dir(stage, path)
-    except BaseException:
+    except BaseException as e:
         if rank == 0:
             shutil.rmtree(stage, ignore_errors=True)
+        full = _disk_full(e)
+        if full:  # one line naming the snapshot (trainer/main.py prints common.files.os_error_line)
+            raise OSError(full, os.strerror(full), str(path)) from e
         raise
     dist.barrier()
     return path
+
+
+class _DigestingWriter(FileSystemWriter):
+    """DCP's file writer that digests the shards this rank wrote (``digests``, for the manifest)
+    and reports a full disk as an ``OSError`` with its errno: torch's zip writer raises
+    ``RuntimeError: ... unexpected pos`` with the ``OSError`` only as its context, which DCP drops
+    when it gathers the ranks' failures."""
+
+    digests: dict[str, str]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        try:
+            written = super().write_data(plan, planner)
+            results = written.wait()
+        except Exception as e:
+            full = _disk_full(e)
+            if full:
+                raise OSError(full, os.strerror(full), str(self.path)) from e
+            raise
+        self.digests = digest_files(self.path, sorted({r.storage_data.relative_path for r in results}))
+        return written
+
+
+def _disk_full(e: BaseException) -> int:
+    """The errno (ENOSPC, EDQUOT) if ``e`` or anything behind it (its causes, the ranks' failures of
+    a ``CheckpointException``) is a full disk; else 0."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return x.errno
+        todo += [x.__cause__, x.__context__]
+        if isinstance(x, CheckpointException):
+            todo += [failure for failure, _ in x.failures.values()]
+    return 0
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -86,6 +142,29 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads((path / META).read_text())
     except FileNotFoundError:
         raise SnapshotError(f"{path}: not a complete snapshot (no {META})") from None
+    except ValueError as e:  # JSON or UTF-8
+        raise SnapshotError(f"{path}: {path / META} is damaged ({e})") from None
+
+
+def _load(state: dict[str, Any], path: str | os.PathLike, collective: bool = True) -> None:
+    """``dcp.load`` of ``state`` from the snapshot at ``path`` once its files are proven
+    (``sharding.snapshot_files``); any failure is a one-line ``SnapshotError`` on every rank."""
+    metadata = checked_metadata(path, collective)
+    try:
+        dcp.load(state, storage_reader=SafeReader(path, metadata), planner=SafeLoadPlanner(path), no_dist=not collective)
+    except SnapshotError:
+        raise
+    except CheckpointException as e:  # a BaseException: DCP gathers every rank's failure into it
+        failures = [failure for failure, _ in e.failures.values()]
+        ours = next((f for f in failures if isinstance(f, SnapshotError)), None)
+        raise SnapshotError(str(ours) if ours else f"{path}: cannot be loaded ({_one_line(failures[0])})") from None
+    except Exception as e:  # DCP's own errors, should one come unwrapped
+        raise SnapshotError(f"{path}: cannot be loaded ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
 def load_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
@@ -95,7 +174,7 @@ def load_snapshot(path: str | os.PathLike, model: nn.Module, optimizer: Optimize
     # DCP loads into the tensors it is given: the dense optimizer's state must exist first.
     _init_optimizer_state(optimizer)
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    _load(state, path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     rng = Path(path) / f"rng-rank{dist.get_rank()}.pt"
@@ -110,7 +189,7 @@ def load_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
     refused on every rank together (``SnapshotError``), before the model holds them. Collective."""
     meta = read_meta(path)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    _load(state, path)
     bad = nonfinite_tensors(state["model"])
     count = torch.tensor([len(bad)], device=next(iter(model.parameters())).device)
     dist.all_reduce(count)  # every rank refuses together, not only the one holding the shard
@@ -128,7 +207,7 @@ def load_unsharded(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": exactly our intent
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        _load(state, path, collective=False)
     model.load_state_dict(state["model"])
     return meta
 
