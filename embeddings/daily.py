@@ -63,13 +63,17 @@ def ann_dir(work: Path, source: str, day: str) -> Path:
 
 def serve(store: FeatureStore, source: str, entity: str, day: str) -> bool:
     """Activates the version of ``day`` unless the store serves a later day's version already (the
-    re-run of an old day must not take serving back to it); returns whether the day's version is
+    re-run of an old day must not take serving back to it) or a rollback moved serving away from it
+    (``FeatureStore.rolled_back``); returns whether the day's version is
     active. Days are compared by the version names (:func:`version_name`); an active version the
     lifecycle did not name counts as older."""
     version, prefix = version_name(source, entity, day), version_name(source, entity, "")
     active = store.active_version()
     if active is not None and active.startswith(prefix) and active[len(prefix):] > day:
         log.info("%s stays active (a later day's version); %s is committed, not activated", active, version)
+        return False
+    if version in store.rolled_back():  # an operator rolled it back: a re-run must not undo that
+        log.warning("%s was rolled back; %s stays active (activate it by hand to serve it again)", version, active)
         return False
     store.activate(version)
     return True

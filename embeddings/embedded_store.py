@@ -32,7 +32,8 @@ OPEN_VERSIONS = 4  # memory-mapped versions an EmbeddedStore keeps open (the act
 # ---------------------------------------------------------------------------------------------
 # Embedded backend: a directory of immutable numpy files, no server.
 #
-#   ROOT/ACTIVE                       {"active": name, "history": [older, ..., previous]} (os.replace)
+#   ROOT/ACTIVE                       {"active": name, "history": [older, ..., previous],
+#                                      "rolled_back": [names a rollback left]} (os.replace)
 #   ROOT/versions/NAME/ids.npy        [V_n] int64, sorted ascending
 #   ROOT/versions/NAME/slots.npy      [2^b] int64, hash table: id -> row (b: 2 * V_n <= 2^b)
 #   ROOT/versions/NAME/emb.npy        [V_n, E] float32, rows in the order of ids.npy
@@ -113,9 +114,9 @@ class EmbeddedStore(FeatureStore):
     def _read_pointer(self) -> dict:
         try:
             with open(self.root / "ACTIVE", "rb") as fh:
-                return json.loads(fh.read())
+                return {"rolled_back": [], **json.loads(fh.read())}  # a pointer from before rolled_back
         except FileNotFoundError:
-            return {"active": None, "history": []}
+            return {"active": None, "history": [], "rolled_back": []}
 
     def _write_pointer(self, state: dict) -> None:
         # atomic: readers open the old pointer or the new one; on disk before the rename
@@ -186,7 +187,8 @@ class EmbeddedStore(FeatureStore):
             if state["active"] == version:
                 return
             history = state["history"] + ([state["active"]] if state["active"] else [])
-            self._write_pointer({"active": version, "history": history[-HISTORY_LIMIT:]})
+            self._write_pointer({"active": version, "history": history[-HISTORY_LIMIT:],
+                                 "rolled_back": [v for v in state["rolled_back"] if v != version]})
 
     def rollback(self) -> str:
         with self._locked():
@@ -194,12 +196,16 @@ class EmbeddedStore(FeatureStore):
             if not state["history"]:
                 raise ValueError(f"nothing to roll back to: no version was active before {state['active']!r}")
             previous = state["history"][-1]
-            self._write_pointer({"active": previous, "history": state["history"][:-1]})
+            left = [v for v in state["rolled_back"] if v not in (previous, state["active"])] + [state["active"]]
+            self._write_pointer({"active": previous, "history": state["history"][:-1], "rolled_back": left})
             return previous
 
     def rollback_target(self) -> str | None:
         history = self._read_pointer()["history"]
         return history[-1] if history else None
+
+    def rolled_back(self) -> set[str]:
+        return set(self._read_pointer()["rolled_back"])
 
     def delete_version(self, version: str) -> None:
         with self._locked():
@@ -207,8 +213,9 @@ class EmbeddedStore(FeatureStore):
             state = self._read_pointer()
             if state["active"] == version:
                 raise ValueError(f"refusing to delete the active version {version!r}: activate another one first")
-            if version in state["history"]:
-                self._write_pointer({"active": state["active"], "history": [v for v in state["history"] if v != version]})
+            if version in state["history"] or version in state["rolled_back"]:
+                self._write_pointer({"active": state["active"], "history": [v for v in state["history"] if v != version],
+                                     "rolled_back": [v for v in state["rolled_back"] if v != version]})
             # Rename first, so the name disappears atomically; then remove the files.
             trash = self.root / "staging" / f".deleted-{version}.{uuid.uuid4().hex}"
             os.rename(path, trash)

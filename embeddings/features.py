@@ -24,9 +24,9 @@ not name is refused, since it tells nothing of the others. Versions are resolved
 training day or evaluation (:meth:`DERMFeatureJoin.reset_counts`), so a rollback reaches the next
 one, and never in the middle of a day.
 
-Limit: the store records no rollbacks (``embeddings.store``), so once a later day's version is
-activated, a version rolled back before it is older than the active one and is joined again.
-Delete a rolled-back version (``FeatureStore.delete_version``) to keep it out for good.
+A version a rollback moved serving away from (``FeatureStore.rolled_back``, recorded with the
+rollback) is never joined either, even once a later day's version is active: its rows read the
+active version if that is of an earlier day, else they get the embedding as missing.
 
 Back-inferred versions (Appendix B.3) are a configuration of the same join: their own naming
 pattern, and ``lag_days=0`` if that is what an experiment asks for.
@@ -118,10 +118,12 @@ class DERMFeatureJoin:
         self._read[(source.name, name)] = read
         return read
 
-    def _served(self, source: DERMSource, name: str, wanted_day: dt.date, day: dt.date) -> str:
-        """``name`` if the store serves it (it is active, of the active version's day or earlier,
-        or nothing is active), else the active version."""
+    def _served(self, source: DERMSource, name: str, wanted_day: dt.date, day: dt.date) -> str | None:
+        """``name`` if the store serves it (not rolled back from, and active, of the active version's
+        day or earlier, or nothing is active), else what :meth:`_instead` reads."""
         active = source.store.active_version()
+        if name in source.store.rolled_back():
+            return self._instead(source, name, active, wanted_day, day, "rolled back from it")
         if active is None or active == name:
             return name
         active_day = _day_in(source.version_pattern, active)
@@ -131,11 +133,19 @@ class DERMFeatureJoin:
                              "serving read cannot be told; activate one the pattern names")
         if wanted_day <= active_day:
             return name
-        if f"{name}>{active}" not in self._warned:
-            log.warning("DERM feature %s: %r serves %s, not %s (rolled back from it, or it was never activated): "
-                        "rows of %s read %s, as serving did", source.name, source.store, active, name, day, active)
-            self._warned.add(f"{name}>{active}")
-        return active
+        return self._instead(source, name, active, wanted_day, day, "rolled back from it, or it was never activated")
+
+    def _instead(self, source: DERMSource, name: str, active: str | None, wanted_day: dt.date, day: dt.date,
+                 why: str) -> str | None:
+        """What rows that want ``name``, which the store does not serve, read: the active version
+        if it is of ``wanted_day`` or earlier (no leakage), else nothing (missing)."""
+        active_day = None if active is None else _day_in(source.version_pattern, active)
+        read = active if active_day is not None and active_day <= wanted_day else None
+        if f"{name}>{read}" not in self._warned:
+            log.warning("DERM feature %s: %r does not serve %s (%s): rows of %s read %s", source.name, source.store, name,
+                        why, day, read or "nothing (missing)")
+            self._warned.add(f"{name}>{read}")
+        return read
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         days = (batch.event_time // SECONDS_PER_DAY).numpy()  # epoch days, per row

@@ -78,8 +78,10 @@ class PublishReport:
     """The version was committed already (a publish killed after its commit, or a re-run of a
     finished one): its rows were checked against the pool, and only what was missing was done."""
     served_instead: str | None = None
-    """When activation was asked for but a version committed after this one is active: that version,
-    left active."""
+    """When activation was asked for but a version committed after this one is active, or a rollback
+    moved serving away from this one: the active version, left active."""
+    rolled_back: frozenset[str] = frozenset()
+    """The store's rolled-back versions when a committed version was completed (why it stayed inactive)."""
 
 
 def on_commit(version: str) -> None:
@@ -246,6 +248,8 @@ def _complete(pool_day_dir: str | Path, files: Sequence[Path], dim: int, rows: i
         _build_index(ann_path, ann_ids, ann_emb, ann_config)
     versions, active = store.versions(), store.active_version()
     later = active if active in versions[versions.index(version) + 1:] else None
+    if activate and later is None and version in store.rolled_back():  # a rollback chose to stop serving it
+        later = active
     if activate and later is None:
         with naming(_location(store)):
             store.activate(version)
@@ -253,7 +257,7 @@ def _complete(pool_day_dir: str | Path, files: Sequence[Path], dim: int, rows: i
     state = "active" if activate and later is None else f"not activated over {later}" if activate else "not active"
     log.info("%s was committed already with the pool's %d rows (%s); completed in %.1f s", version, rows, state, seconds)
     return PublishReport(version, info.count, dim, seconds, activate and later is None, ann_path, resumed=True,
-                         served_instead=later if activate else None)
+                         served_instead=later if activate else None, rolled_back=frozenset(store.rolled_back()))
 
 
 def open_store(store_dir: str | None, redis_url: str | None, namespace: str) -> FeatureStore:
@@ -289,7 +293,8 @@ def _published(report: PublishReport, args: argparse.Namespace) -> str:
     line = f"{report.version} was committed already with the pool's {size}: completed in {report.seconds:.1f} s ({state}){ann}"
     if report.served_instead is not None:
         where = f"--store {args.store}" if args.store else f"--redis {args.redis} --namespace {args.namespace}"
-        line += (f"; not activated over {report.served_instead}, committed after it (to serve it: "
+        why = "a rollback moved serving away from it" if report.version in report.rolled_back else "committed after it"
+        line += (f"; not activated over {report.served_instead}, {why} (to serve it: "
                  f"python -m embeddings.publish {where} --activate {report.version})")
     return line
 

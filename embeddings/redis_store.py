@@ -5,6 +5,7 @@ Keys, for a namespace NS (version names cannot contain ':', so no two kinds of k
 
     NS:active                   string   the active version
     NS:history                  list     previously active versions, oldest first (rollback pops)
+    NS:rolled_back              set      versions a rollback moved serving away from (activate clears one)
     NS:versions                 hash     committed version -> {"dim", "count", "created"} (JSON)
     NS:data:VERSION             hash     8-byte little-endian id -> E little-endian float32
     NS:staging:VERSION:TOKEN    hash     a version being written (expires 24 h after its last put)
@@ -99,7 +100,7 @@ redis.call('SREM', KEYS[4], ARGV[2])
 return 1
 """
 
-# KEYS: active, history, versions, pending. ARGV: version, history limit.
+# KEYS: active, history, versions, pending, rolled_back. ARGV: version, history limit.
 _ACTIVATE = """
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
   if redis.call('EXISTS', KEYS[4]) == 1 then return 'pending' end
@@ -108,6 +109,7 @@ end
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then return 'ok' end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
 if cur then
   redis.call('RPUSH', KEYS[2], cur)
   redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
@@ -127,15 +129,18 @@ end
 return {v, redis.call('HGET', KEYS[2], v), values}
 """
 
-# KEYS: active, history.
+# KEYS: active, history, rolled_back.
 _ROLLBACK = """
 local prev = redis.call('RPOP', KEYS[2])
 if not prev then return {'empty', redis.call('GET', KEYS[1]) or ''} end
+local cur = redis.call('GET', KEYS[1])
+if cur then redis.call('SADD', KEYS[3], cur) end
+redis.call('SREM', KEYS[3], prev)
 redis.call('SET', KEYS[1], prev)
 return {'ok', prev}
 """
 
-# KEYS: active, history, versions, data, pending. ARGV: version.
+# KEYS: active, history, versions, data, pending, rolled_back. ARGV: version.
 _DELETE = """
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
   if redis.call('EXISTS', KEYS[5]) == 1 then return 'pending' end
@@ -144,6 +149,7 @@ end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return 'active' end
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('SREM', KEYS[6], ARGV[1])
 redis.call('UNLINK', KEYS[4])
 return 'ok'
 """
@@ -219,8 +225,8 @@ class RedisStore(FeatureStore):
             raise ValueError(f"writer_ttl_s must be positive, got {writer_ttl_s!r}")
         self.put_rows, self.pipeline_depth, self.staging_ttl_s = put_rows, pipeline_depth, staging_ttl_s
         self.writer_ttl_s = writer_ttl_s
-        self._k_active, self._k_history, self._k_versions, self._k_writers = (
-            f"{namespace}:{k}" for k in ("active", "history", "versions", "writers"))
+        self._k_active, self._k_history, self._k_versions, self._k_writers, self._k_rolled_back = (
+            f"{namespace}:{k}" for k in ("active", "history", "versions", "writers", "rolled_back"))
         self._k_data_prefix = f"{namespace}:data:".encode()
         self._commit = self.client.register_script(_COMMIT)
         self._activate = self.client.register_script(_ACTIVATE)
@@ -302,11 +308,11 @@ class RedisStore(FeatureStore):
 
     def activate(self, version: str) -> None:
         check_version_name(version)
-        keys = [self._k_active, self._k_history, self._k_versions, self._pending_key(version)]
+        keys = [self._k_active, self._k_history, self._k_versions, self._pending_key(version), self._k_rolled_back]
         self._refuse(self._activate(keys=keys, args=[version, HISTORY_LIMIT]).decode(), version)
 
     def rollback(self) -> str:
-        status, name = self._rollback(keys=[self._k_active, self._k_history])
+        status, name = self._rollback(keys=[self._k_active, self._k_history, self._k_rolled_back])
         if status == b"empty":
             raise ValueError(f"nothing to roll back to: no version was active before {name.decode() or None!r}")
         return name.decode()
@@ -315,9 +321,13 @@ class RedisStore(FeatureStore):
         value = self.client.lindex(self._k_history, -1)
         return None if value is None else value.decode()
 
+    def rolled_back(self) -> set[str]:
+        return {v.decode() for v in self.client.smembers(self._k_rolled_back)}
+
     def delete_version(self, version: str) -> None:
         check_version_name(version)
-        keys = [self._k_active, self._k_history, self._k_versions, self._data_key(version), self._pending_key(version)]
+        keys = [self._k_active, self._k_history, self._k_versions, self._data_key(version), self._pending_key(version),
+                self._k_rolled_back]
         self._refuse(self._delete(keys=keys, args=[version]).decode(), version)
 
     def get(self, ids: np.ndarray, version: str | None = None) -> tuple[np.ndarray, np.ndarray]:

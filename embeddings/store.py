@@ -22,6 +22,7 @@ Rules shared by every backend (`tests/test_store.py` runs one suite over all of 
 - Every refused call raises `ValueError` naming the version and the problem, and changes nothing:
   unknown version, uncommitted version, duplicate version name, dimension mismatch, duplicate ids,
   deleting the active version, rollback with no previous version.
+- `rolled_back()` names the versions a rollback moved away from until they are activated again.
 - `get` resolves the active version once per call and reads only that immutable version, so a
   batch never mixes two versions, whatever `activate` runs concurrently.
 
@@ -165,6 +166,13 @@ class FeatureStore(abc.ABC):
     @abc.abstractmethod
     def rollback_target(self) -> str | None:
         """The version `rollback` would re-activate (None when there is none)."""
+
+    @abc.abstractmethod
+    def rolled_back(self) -> set[str]:
+        """The versions a `rollback` moved serving away from and that were not activated again
+        since: what readers that pick a version by name (the downstream join) must not read.
+        Recorded in the same atomic write as the rollback; `activate` and `delete_version` clear
+        a version from it."""
 
     def prune(self, keep: int) -> list[str]:
         """The retention policy: deletes all but the ``keep`` newest committed versions, never the

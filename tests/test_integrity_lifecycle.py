@@ -123,6 +123,31 @@ def test_a_publish_rerun_never_activates_over_a_later_version_nor_accepts_other_
     assert store.versions() == ["v1", "v2", "v3"] and store.active_version() == "v3"
 
 
+def test_a_publish_rerun_never_undoes_a_rollback(tmp_path, capsys):
+    store = EmbeddedStore(tmp_path / "store")
+    pools = tmp_path / "pool"
+    publish(_pool_day(pools, "ctr", "user", D1, np.arange(20)), store, "v1")
+    second = _pool_day(pools, "ctr", "user", D2, np.arange(30), seed=2)
+    publish(second, store, "v2")
+    store.rollback()  # v2's embeddings are bad
+    capsys.readouterr()
+    assert publish_main(["--store", str(store.root), "--pool", str(second), "--version", "v2"]) == 0  # a scheduler's retry
+    out = capsys.readouterr().out
+    assert store.active_version() == "v1" and store.rolled_back() == {"v2"}
+    assert "not activated over v1, a rollback moved serving away from it" in out and "--activate v2" in out
+
+
+def test_a_lifecycle_rerun_never_serves_a_rolled_back_day_again(tmp_path):
+    from embeddings.daily import serve
+
+    store = EmbeddedStore(tmp_path / "store")
+    for day in (D1, D2):
+        store.write_version(f"ctr-user-{day}", np.arange(3), np.ones((3, 4), np.float32))
+        store.activate(f"ctr-user-{day}")
+    store.rollback()
+    assert serve(store, "ctr", "user", D2) is False and store.active_version() == f"ctr-user-{D1}"
+
+
 # ---- item 3: the lifecycle day killed between a version's commit and its activation ---------------
 
 
@@ -242,10 +267,19 @@ def test_a_rolled_back_version_is_never_joined_its_rows_read_the_served_one(tiny
     join.reset_counts()  # the next training day or evaluation resolves its versions afresh
     derm = join(batch)
     assert torch.all(derm["ctr_user"] == 1.0) and torch.all(derm["ctr_user_missing"] == 0)  # before: 2.0
-    assert f"ctr-user-{D2}" in caplog.text and f"serves ctr-user-{D1}" in caplog.text
+    assert f"does not serve ctr-user-{D2} (rolled back from it)" in caplog.text and f"read ctr-user-{D1}" in caplog.text
 
     fresh = DERMFeatureJoin([DERMSource("ctr_user", store, "user", "ctr-user-{day}")])
     assert torch.all(fresh(batch)["ctr_user"] == 1.0)
+
+    # a later day goes on: day 2's version is older than the active one now, and still not joined
+    # (the store records the rollback); its rows cannot read day 3's (leakage): they get it as missing
+    store.write_version(f"ctr-user-{D3}", np.unique(batch.user_id.numpy()),
+                        np.full((np.unique(batch.user_id.numpy()).size, 4), 3.0, np.float32))
+    store.activate(f"ctr-user-{D3}")
+    join.reset_counts()
+    derm = join(batch)
+    assert torch.all(derm["ctr_user"] == 0.0) and torch.all(derm["ctr_user_missing"] == 1)  # before: 2.0
 
 
 def test_a_version_never_activated_is_not_joined_and_an_unknown_active_one_is_refused(tiny_world, tmp_path):

@@ -209,3 +209,36 @@ def test_a_full_disk_under_an_aggregate_is_one_line_naming_the_path(small_disk, 
         assert main(args + (extra if extra != "fill" else [])) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: disk full") and f"({small_disk}/pool/" in err, err
+
+
+# ---- rollbacks are recorded, so readers by name can leave them out (issue 29 item 4) -------------
+
+
+def _rollback_record_behaves(store) -> None:
+    for day in ("2026-01-01", "2026-01-02", "2026-01-03"):
+        store.write_version(f"ctr-user-{day}", np.arange(3), np.full((3, 4), float(day[-1]), np.float32))
+    store.activate("ctr-user-2026-01-01")
+    store.activate("ctr-user-2026-01-02")
+    assert store.rolled_back() == set()
+    assert store.rollback() == "ctr-user-2026-01-01"
+    assert store.rolled_back() == {"ctr-user-2026-01-02"}
+    store.activate("ctr-user-2026-01-03")  # a later day goes on: the rolled-back one stays recorded
+    assert store.rolled_back() == {"ctr-user-2026-01-02"}
+    store.activate("ctr-user-2026-01-02")  # activated on purpose: served again
+    assert store.rolled_back() == set()
+    store.rollback()
+    store.activate("ctr-user-2026-01-01")
+    store.delete_version("ctr-user-2026-01-02")
+    assert store.rolled_back() == set()
+
+
+def test_the_embedded_store_records_rollbacks(tmp_path):
+    from embeddings.embedded_store import EmbeddedStore
+
+    _rollback_record_behaves(EmbeddedStore(tmp_path / "store"))
+
+
+def test_the_redis_store_records_rollbacks(redis_url):  # noqa: F811
+    from embeddings.redis_store import RedisStore
+
+    _rollback_record_behaves(RedisStore(redis_url, namespace=f"test-{uuid.uuid4().hex[:12]}"))
