@@ -78,3 +78,17 @@ def fill(folder, leave: int = 0) -> None:
             f.write(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
         except OSError:
             pass
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A world-size-1 gloo process group in this process, gone after the test. A group that an
+    earlier in-process test left behind is destroyed first (init_process_group refuses a second)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

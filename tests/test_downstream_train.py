@@ -128,18 +128,21 @@ def test_bad_downstream_configs_are_refused(tmp_path):
 
 
 def test_store_without_versions_is_refused_naming_it(tiny_world, tmp_path):
-    from sharding.distributed import init_distributed
+    from sharding.distributed import init_distributed, shutdown
     from trainer.downstream import DownstreamTrainer
 
     EmbeddedStore(tmp_path / "store" / "ctr-user")  # exists, nothing published
     config = _config(tiny_world, tmp_path / "store", tmp_path / "run")
     config = dataclasses.replace(config, derm=dataclasses.replace(config.derm, features=("ctr_user",)))
     ctx = init_distributed("cpu")
-    with pytest.raises(ValueError, match=r"ctr_user: its store EmbeddedStore\('.*ctr-user'\) has no versions"):
-        DownstreamTrainer(config, ctx)
-    config = dataclasses.replace(config, derm=dataclasses.replace(config.derm, store_root=str(tmp_path / "typo")))
-    with pytest.raises(ValueError, match=r"derm.features ctr_user: no feature store at .*typo/ctr-user"):
-        DownstreamTrainer(config, ctx)
+    try:  # the process group must not outlive the test: a later one would find it initialised
+        with pytest.raises(ValueError, match=r"ctr_user: its store EmbeddedStore\('.*ctr-user'\) has no versions"):
+            DownstreamTrainer(config, ctx)
+        config = dataclasses.replace(config, derm=dataclasses.replace(config.derm, store_root=str(tmp_path / "typo")))
+        with pytest.raises(ValueError, match=r"derm.features ctr_user: no feature store at .*typo/ctr-user"):
+            DownstreamTrainer(config, ctx)
+    finally:
+        shutdown()
     assert not (tmp_path / "typo").exists()
 
 

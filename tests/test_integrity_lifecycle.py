@@ -328,12 +328,6 @@ def _infer_poisoned(rank: int, world_size: int, world: str, out: str, only_rank:
     return "written"
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A world-size-1 gloo process group in this process."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_inference_refuses_non_finite_embeddings_naming_the_count_before_writing(tiny_world, tmp_path, one_rank):

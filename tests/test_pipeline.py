@@ -99,8 +99,8 @@ def test_three_days_end_to_end_then_a_rerun_is_a_no_op(four_days, tmp_path, in_r
 @pytest.mark.slow
 def test_a_failing_job_stops_the_pipeline_with_its_log(four_days, tmp_path, in_repo):
     config = _config(four_days, tmp_path / "work", days=(DAYS[0],), max_parallel=1,
-                     upstream_overrides=("--model.token_dim=3",))
-    with pytest.raises(PipelineError, match=r"(?s)2026-01-01 upstream\+lifecycle ctr: job .* ended FAILED.*token_dim must be an even number"):
+                     upstream_overrides=("--train.eval_day=\"2026-02-30\"",))  # parses (a string), fails in the job
+    with pytest.raises(PipelineError, match=r"(?s)2026-01-01 upstream\+lifecycle ctr: job .* ended FAILED.*2026-02-30"):
         Pipeline(config).run()
     assert not (tmp_path / "work" / "upstream" / "cvr").exists()  # nothing after the failed step ran
     assert not (tmp_path / "work" / "emb").exists()  # nor the lifecycle chained after it

@@ -56,9 +56,12 @@ def test_a_failed_first_day_does_not_lock_in_its_settings(tiny_world, tmp_path):
         Pipeline(_config(tiny_world, work, alpha=0.7))._check_settings()
 
 
-def test_a_missing_dataset_is_an_error_naming_the_path_not_a_new_world(tmp_path, capsys):
+def test_a_missing_dataset_is_an_error_naming_the_path_not_a_new_world(tmp_path, caplog, monkeypatch):
+    import common.log
+
+    monkeypatch.setattr(common.log, "setup_logging", lambda: None)  # its basicConfig(force=True) would drop caplog
     typo = tmp_path / "runs" / "data" / "mylgo"
     assert main([f"--data={typo}", f"--work={tmp_path / 'work'}"]) == 2
-    err = capsys.readouterr().err
-    assert f"{typo}: no dataset there (no spec.toml); check the data path" in err and err.count("\n") == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"{typo}: no dataset there (no spec.toml); check the data path")
     assert not typo.exists() and not (tmp_path / "work").exists()

@@ -37,12 +37,6 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A world-size-1 gloo process group in this process (``save_snapshot`` is collective)."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _model() -> tuple[nn.Module, torch.optim.Optimizer]:
