@@ -92,3 +92,25 @@ def one_rank(tmp_path):
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _sane_logging():
+    """Each test starts with working loggers: a library configured in-process earlier (e.g. a
+    dictConfig with disable_existing_loggers) may have disabled ours, and ``setup_logging``'s
+    ``basicConfig(force=True)`` in an earlier test may have left a handler on that test's captured,
+    now closed, stderr. Without this, log assertions depend on test order."""
+    import logging
+
+    def reset() -> None:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if type(handler) is logging.StreamHandler:  # basicConfig's; pytest's own are subclasses
+                root.removeHandler(handler)
+        for name, logger in list(logging.Logger.manager.loggerDict.items()):
+            if name.startswith("derm") and isinstance(logger, logging.Logger):
+                logger.disabled = False
+
+    reset()
+    yield
+    reset()
